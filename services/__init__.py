@@ -1,0 +1,1 @@
+"""Teacher service: engines that produce top-k log-probs, the REST API and precompute jobs."""

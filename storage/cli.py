@@ -1,0 +1,63 @@
+"""`todi shards inspect|verify PATH`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from storage.reader import open_shard_set, verify_shard_set
+from storage.schema import ShardFormatError
+from todi.cli_errors import fail, user_errors
+
+app = typer.Typer(help="Inspect and verify shard sets.", no_args_is_help=True)
+
+
+@app.command()
+def inspect(
+    path: str = typer.Argument(..., help="Shard set directory or URI (s3://...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Rows, positions, k, teacher, bytes per position, and whether the set is complete."""
+    with user_errors(ShardFormatError, FileNotFoundError, OSError):
+        s = open_shard_set(path)
+    m = s.manifest
+    info = {
+        "path": path,
+        "complete": m.complete,
+        "shards": len(m.shards),
+        "rows": m.rows,
+        "positions": m.positions,
+        "bytes": m.bytes,
+        "bytes_per_position": round(m.bytes / m.positions, 2) if m.positions else None,
+        "bytes_per_entry": round(m.bytes / (m.positions * s.signature.top_k), 3)
+        if m.positions
+        else None,
+        **s.metadata,
+        "job": m.job,
+    }
+    if as_json:
+        print(json.dumps(info))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+@app.command()
+def verify(path: str = typer.Argument(..., help="Shard set directory or URI.")) -> None:
+    """Check every checksum, the schema and metadata consistency; exit 2 on any problem."""
+    report = verify_shard_set(path)
+    for w in report.warnings:
+        print(f"warning: {w}")
+    if not report.ok:
+        for p in report.problems[1:]:
+            print(f"problem: {p}")
+        raise fail(report.problems[0])
+    print(
+        f"ok: {report.shards} shards, {report.rows} rows, {report.positions} positions verified"
+    )
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="shards")

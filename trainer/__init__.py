@@ -1,0 +1,1 @@
+"""Student training on shard sets: losses, data, Ray workers, evaluation."""
