@@ -1,0 +1,158 @@
+"""Sequence-level distillation data: prompts answered by the teacher.
+
+No instruction dataset ships in the registries this project can use, so the demo does what
+practitioners do anyway: take prompts (chatterbot-corpus) and let the teacher answer them.
+Generation runs on the real vLLM engine (`backend="vllm"`) or transformers (`"hf"`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def chatterbot_prompts() -> list[str]:
+    """The distinct first turns of the English chatterbot-corpus conversations."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package 'chatterbot_corpus' is not installed: pip install --no-deps chatterbot-corpus"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    prompts: list[str] = []
+    seen: set[str] = set()
+    for path in sorted(glob.glob(str(root / "*.yml"))):
+        with open(path, encoding="utf-8") as f:
+            for conversation in yaml.safe_load(f).get("conversations", []):
+                if not conversation:
+                    continue
+                text = str(conversation[0]).strip()
+                if text and text.lower() not in seen:
+                    seen.add(text.lower())
+                    prompts.append(text)
+    return prompts
+
+
+def generate_answers(
+    model_dir: str | os.PathLike[str],
+    prompts: list[str],
+    *,
+    backend: str = "vllm",
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    max_model_len: int = 1024,
+) -> list[str]:
+    """The teacher's chat answers to `prompts` (one sampled answer each, seeded)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
+        for p in prompts
+    ]
+    prompt_ids = [list(getattr(p, "input_ids", p)) for p in prompt_ids]
+    if backend == "vllm":
+        outputs = _generate_vllm(
+            model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed, max_model_len
+        )
+    elif backend == "hf":
+        outputs = _generate_hf(model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed)
+    else:
+        raise ValueError(f"backend must be 'vllm' or 'hf', not {backend!r}")
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+
+
+def _generate_vllm(model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed, max_len):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=str(model_dir),
+        dtype="bfloat16",
+        max_model_len=max_len,
+        enforce_eager=True,
+        seed=seed,
+    )
+    try:
+        params = [
+            SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=seed + i,
+                detokenize=False,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        results = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=True
+        )
+        return [list(r.outputs[0].token_ids) for r in results]
+    finally:
+        del llm
+        _shutdown_vllm()
+
+
+def _shutdown_vllm() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import destroy_model_parallel
+
+        destroy_model_parallel()
+    except Exception:  # best effort: the engine core subprocess exits with its owner
+        pass
+
+
+def _generate_hf(model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    with torch.inference_mode():
+        for i, ids in enumerate(prompt_ids):
+            torch.manual_seed(seed + i)
+            out = model.generate(
+                torch.tensor([ids]),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=model.config.eos_token_id,
+            )
+            outputs.append(out[0, len(ids) :].tolist())
+    return outputs
+
+
+def write_split(
+    rows: Iterable[dict[str, Any]], out_dir: Path, held_out: float, seed: int
+) -> tuple[Path, Path]:
+    """Shuffle rows with `seed` and write `train.jsonl` / `heldout.jsonl`."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_held = max(1, round(len(rows) * held_out))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
+    for path, part in zip(paths, (rows[n_held:], rows[:n_held]), strict=True):
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in part:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    return paths
