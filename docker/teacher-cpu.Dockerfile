@@ -47,17 +47,17 @@ RUN pip install --no-cache-dir --extra-index-url "${TORCH_CPU_INDEX}" "/opt/todi
     && pip uninstall -y torchvision torchaudio torchcodec \
     && todi --help > /dev/null
 
-# Unprivileged user; /data is the shared volume (model cache, datasets, shards, runs).
+# Unprivileged user; /data is the shared volume (model cache, datasets, shards, runs): a new
+# named volume starts with these folders and their owner.
 # The same uid in every image, so all containers can write the shared volume.
 RUN groupadd --gid 10001 todi \
     && useradd --no-log-init --create-home --uid 10001 --gid todi todi \
-    && mkdir -p /data/todi \
+    && mkdir -p /data/todi /data/datasets /data/shards /data/runs \
     && chown -R todi:todi /data
 USER 10001:10001
 WORKDIR /data
 
 ENV TODI_HOME=/data/todi \
-    TODI_STORAGE_ROOT=/data \
     VLLM_CPU_KVCACHE_SPACE=4 \
     VLLM_NO_USAGE_STATS=1
 
@@ -67,4 +67,4 @@ VOLUME ["/data"]
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
-CMD ["sh", "-c", "todi models prepare smollm2-135m-instruct --out /data/todi/models/smollm2-135m-instruct && exec todi serve --backend vllm --model /data/todi/models/smollm2-135m-instruct --host 0.0.0.0 --port 8000"]
+CMD ["sh", "-c", "todi models prepare smollm2-135m-instruct --out /data/todi/models/smollm2-135m-instruct && exec todi serve --backend vllm --model /data/todi/models/smollm2-135m-instruct --host 0.0.0.0 --port 8000 --storage-root /data/shards --dataset-root /data/datasets"]

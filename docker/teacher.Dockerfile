@@ -37,13 +37,12 @@ RUN python3 -m pip install --no-cache-dir "/opt/todi[gpu]" \
 # Unprivileged user (same uid in every image: they share the /data volume).
 RUN groupadd --gid 10001 todi \
     && useradd --no-log-init --create-home --uid 10001 --gid todi todi \
-    && mkdir -p /data/todi \
+    && mkdir -p /data/todi /data/datasets /data/shards /data/runs \
     && chown -R todi:todi /data
 USER 10001:10001
 WORKDIR /data
 
 ENV TODI_HOME=/data/todi \
-    TODI_STORAGE_ROOT=/data \
     VLLM_NO_USAGE_STATS=1
 
 EXPOSE 8000
@@ -54,4 +53,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=5 \
 
 # The base image starts `vllm serve`; this image starts the todi teacher service instead.
 ENTRYPOINT []
-CMD ["sh", "-c", "todi models prepare smollm2-135m-instruct --out /data/todi/models/smollm2-135m-instruct && exec todi serve --backend vllm --model /data/todi/models/smollm2-135m-instruct --host 0.0.0.0 --port 8000"]
+CMD ["sh", "-c", "todi models prepare smollm2-135m-instruct --out /data/todi/models/smollm2-135m-instruct && exec todi serve --backend vllm --model /data/todi/models/smollm2-135m-instruct --host 0.0.0.0 --port 8000 --storage-root /data/shards --dataset-root /data/datasets"]

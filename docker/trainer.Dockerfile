@@ -40,13 +40,12 @@ RUN pip install --no-cache-dir "/opt/todi" \
 # Unprivileged user (same uid in every image: they share the /data volume).
 RUN groupadd --gid 10001 todi \
     && useradd --no-log-init --create-home --uid 10001 --gid todi todi \
-    && mkdir -p /data/todi \
+    && mkdir -p /data/todi /data/datasets /data/shards /data/runs \
     && chown -R todi:todi /data
 USER 10001:10001
 WORKDIR /data
 
-ENV TODI_HOME=/data/todi \
-    TODI_STORAGE_ROOT=/data
+ENV TODI_HOME=/data/todi
 
 # 6379 GCS, 8265 dashboard / job API, 10001 Ray client.
 EXPOSE 6379 8265 10001

@@ -16,7 +16,7 @@ def _register_all() -> None:
     # Each package owns its subcommands; importing them here keeps this file conflict-free.
     import importlib
 
-    for module in ("storage.cli", "services.cli", "trainer.cli", "todi.demo"):
+    for module in ("storage.cli", "services.cli", "trainer.cli", "trainer.eval_cli", "todi.demo"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
