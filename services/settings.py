@@ -1,0 +1,67 @@
+"""Configuration of the teacher service (`todi serve`): one pydantic model, CLI flags map 1:1.
+
+The API key is never a CLI flag (it would show in `ps`): it comes from the environment
+variable `TODI_API_KEY`; unset or empty means no authentication (loopback use).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+API_KEY_ENV = "TODI_API_KEY"
+
+
+def _api_key_from_env() -> SecretStr | None:
+    value = os.environ.get(API_KEY_ENV, "")
+    return SecretStr(value) if value else None
+
+
+class ServiceSettings(BaseModel):
+    """Everything `create_app` needs; limits protect the engine from a single client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Teacher: an HF model folder or an embedded model name.")
+    backend: str = Field("hf", description="Engine: hf | vllm | remote.")
+    backend_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for create_backend."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    storage_root: Path = Field(
+        description="Job outputs are confined under this folder; job records live here too."
+    )
+    dataset_root: Path | None = Field(
+        None,
+        description="If set, job datasets must lie under it (else any path the server can read).",
+    )
+    api_key: SecretStr | None = Field(default_factory=_api_key_from_env)
+
+    # -- request limits ---------------------------------------------------------------
+    max_sequences_per_request: int = Field(256, ge=1)
+    max_tokens_per_request: int = Field(65_536, ge=2)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_concurrent_jobs: int = Field(1, ge=1)
+
+    # -- dynamic batching ---------------------------------------------------------------
+    batch_window_ms: float = Field(
+        5.0, ge=0.0, description="How long the engine thread waits to gather more requests."
+    )
+    max_batch_tokens: int = Field(
+        16_384, ge=2, description="Token budget of one gathered engine call."
+    )
+
+    @field_validator("storage_root", "dataset_root")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        # Resolved once: every confinement check compares against the real path.
+        return None if v is None else Path(os.path.realpath(os.path.expanduser(v)))
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is not None and v.get_secret_value() else None
