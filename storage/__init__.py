@@ -5,8 +5,9 @@
 See `storage.schema` for the row layout and metadata, `storage.codec` for the encoding.
 """
 
-from storage.batches import IGNORE_INDEX, Batch, collate, iter_batches, padding_waste
-from storage.codec import DEFAULT_CODEC, get_codec
+from typing import TYPE_CHECKING
+
+from storage.codec import DEFAULT_CODEC, get_codec, known_codecs
 from storage.manifest import Manifest, ShardInfo, read_manifest
 from storage.reader import ShardSet, VerifyReport, decode_table, open_shard_set, verify_shard_set
 from storage.schema import (
@@ -18,8 +19,25 @@ from storage.schema import (
     content_sample_id,
     expected_positions,
     first_position,
+    shard_schema,
 )
-from storage.writer import ShardSetWriter, commit_shards, encode_table, write_shard
+from storage.writer import ShardSetWriter, commit_shards, encode_table, shard_bytes, write_shard
+
+if TYPE_CHECKING:
+    from storage.batches import IGNORE_INDEX, Batch, collate, iter_batches, padding_waste
+
+# The batch helpers need torch; import it only when they are used, so a teacher-side process
+# (or `todi shards verify`) that only reads and writes shards stays light.
+_BATCHES = {"IGNORE_INDEX", "Batch", "collate", "iter_batches", "padding_waste"}
+
+
+def __getattr__(name: str):
+    if name in _BATCHES:
+        from storage import batches
+
+        return getattr(batches, name)
+    raise AttributeError(f"module 'storage' has no attribute {name!r}")
+
 
 __all__ = [
     "ARROW_SCHEMA",
@@ -44,9 +62,12 @@ __all__ = [
     "first_position",
     "get_codec",
     "iter_batches",
+    "known_codecs",
     "open_shard_set",
     "padding_waste",
     "read_manifest",
+    "shard_bytes",
+    "shard_schema",
     "verify_shard_set",
     "write_shard",
 ]

@@ -54,9 +54,7 @@ def verify(path: str = typer.Argument(..., help="Shard set directory or URI.")) 
         for p in report.problems[1:]:
             print(f"problem: {p}")
         raise fail(report.problems[0])
-    print(
-        f"ok: {report.shards} shards, {report.rows} rows, {report.positions} positions verified"
-    )
+    print(f"ok: {report.shards} shards, {report.rows} rows, {report.positions} positions verified")
 
 
 def register(root: typer.Typer) -> None:

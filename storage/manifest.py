@@ -57,7 +57,9 @@ def read_manifest(fs: pafs.FileSystem, root: str) -> Manifest:
     try:
         raw = sfs.read_bytes(fs, path)
     except FileNotFoundError:
-        raise ShardFormatError(f"{path}: no manifest (not a shard set, or nothing written)") from None
+        raise ShardFormatError(
+            f"{path}: no manifest (not a shard set, or nothing written)"
+        ) from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:

@@ -5,8 +5,9 @@ A shard set is a directory holding Parquet files and `manifest.json`. One row pe
     sample_id       string        stable id (dataset id, else sha256 of the token ids)
     input_ids       list<int32>   the whole token sequence, length L
     prompt_len      int32         tokens before the response (0 for plain text)
-    topk_ids        binary        codec-encoded int ids   [P, k]
-    topk_logprobs   binary        codec-encoded log-probs [P, k]
+    ...             binary        the codec's columns: the top-k ids [P, k] and log-probs
+                                  [P, k], encoded (see `storage.codec`; the codec name is in
+                                  the metadata)
 
 where the P = L - 1 - first_position stored positions are t = first_position .. L - 2,
 first_position = max(prompt_len - 1, 0), and row t of the top-k predicts token t + 1. The
@@ -26,16 +27,22 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.codec import DEFAULT_CODEC
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FOOTER_KEY = b"todi"
 SHARD_SUFFIX = ".parquet"
 
+BASE_FIELDS = (
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("prompt_len", pa.int32(), nullable=False),
+)
+# The logical row (and the physical schema of the legacy codec qdelta32-planes-v1).
 ARROW_SCHEMA = pa.schema(
     [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("prompt_len", pa.int32(), nullable=False),
+        *BASE_FIELDS,
         pa.field("topk_ids", pa.binary(), nullable=False),
         pa.field("topk_logprobs", pa.binary(), nullable=False),
     ]
@@ -72,7 +79,7 @@ class ShardSetMetadata(BaseModel):
     temperature: float = Field(gt=0)
     logprobs_mode: str
     backend: str
-    codec: str
+    codec: str = DEFAULT_CODEC
 
     def signature_differences(self, other: ShardSetMetadata) -> list[str]:
         """`field: ours != theirs` for each signature field that differs."""
@@ -129,12 +136,25 @@ def content_sample_id(input_ids: np.ndarray | list[int]) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()[:32]
 
 
+def shard_schema(codec_name: str) -> pa.Schema:
+    """The physical Parquet schema of shards written with `codec_name`."""
+    from storage.codec import get_codec
+
+    return pa.schema([*BASE_FIELDS, *get_codec(codec_name).columns])
+
+
 def metadata_json(metadata: ShardSetMetadata) -> dict:
     return json.loads(metadata.model_dump_json())
 
 
-def check_sample(sample: Sample, metadata: ShardSetMetadata, where: str) -> None:
-    """Raise ShardFormatError unless `sample` is a well-formed row of a set with `metadata`."""
+def check_sample(
+    sample: Sample, metadata: ShardSetMetadata, where: str, *, topk_values: bool = True
+) -> None:
+    """Raise ShardFormatError unless `sample` is a well-formed row of a set with `metadata`.
+
+    `topk_values=False` skips the top-k range checks (for decoders that cannot produce ids
+    outside the vocabulary or positive / non-finite log-probs).
+    """
     name = f"{where}: sample {sample.sample_id!r}"
     ids, lps = sample.topk_ids, sample.topk_logprobs
     seq_len = int(sample.input_ids.shape[0])
@@ -151,7 +171,12 @@ def check_sample(sample: Sample, metadata: ShardSetMetadata, where: str) -> None
         )
     vocab = metadata.vocab_size
     if sample.input_ids.min() < 0 or sample.input_ids.max() >= vocab:
-        raise ShardFormatError(f"{name}: input_ids outside the vocabulary [0, {vocab})")
+        bad = int(
+            sample.input_ids.max() if sample.input_ids.max() >= vocab else sample.input_ids.min()
+        )
+        raise ShardFormatError(f"{name}: input id {bad} outside the vocabulary [0, {vocab})")
+    if not topk_values:
+        return
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         raise ShardFormatError(
             f"{name}: top-k id {int(ids.max()) if ids.max() >= vocab else int(ids.min())} "

@@ -20,48 +20,95 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from storage import fs as sfs
-from storage.codec import get_codec
+from storage.codec import RowBlock, get_codec
 from storage.manifest import Manifest, ShardInfo, manifest_lock, read_manifest, write_manifest
 from storage.schema import (
-    ARROW_SCHEMA,
     MANIFEST_NAME,
     SHARD_SUFFIX,
     Sample,
     ShardFormatError,
     ShardSetMetadata,
     check_sample,
+    shard_schema,
 )
 
-# Parquet settings: the codec already packs the top-k; zstd on top removes what is left.
-_PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "compression_level": 9,
-    "use_dictionary": ["sample_id"],
-    "write_page_checksum": True,
-}
+# Positions per Parquet row group (~7 MB at k = 64). Readers decode a row group in slices,
+# so this bounds the compressed bytes in flight; each row group repeats the shard's codec
+# table once (~15-40 KB), so groups should not be small.
+ROW_GROUP_POSITIONS = 65_536
 
 
-def encode_table(samples: list[Sample], metadata: ShardSetMetadata) -> pa.Table:
+def _sample_block(samples: list[Sample]) -> RowBlock:
+    return RowBlock(
+        sample_ids=[s.sample_id for s in samples],
+        input_ids=[np.asarray(s.input_ids, dtype=np.int32) for s in samples],
+        prompt_lens=np.array([s.prompt_len for s in samples], dtype=np.int64),
+        positions=np.array([s.num_positions for s in samples], dtype=np.int64),
+    )
+
+
+def encode_table(
+    samples: list[Sample], metadata: ShardSetMetadata, where: str = "write"
+) -> pa.Table:
     """Validate and encode samples into one Arrow table of the shard schema."""
-    codec = get_codec(metadata.codec)
-    ids_blobs, lp_blobs = [], []
+    try:
+        codec = get_codec(metadata.codec)
+    except ValueError as exc:
+        raise ShardFormatError(f"{where}: {exc}") from None
     for s in samples:
-        check_sample(s, metadata, "write")
-        a, b = codec.encode(s.topk_ids, s.topk_logprobs, metadata.vocab_size)
-        ids_blobs.append(a)
-        lp_blobs.append(b)
+        check_sample(s, metadata, where)
+    block = _sample_block(samples)
+    columns = codec.encode_rows(
+        [np.asarray(s.topk_ids) for s in samples],
+        [np.asarray(s.topk_logprobs, dtype=np.float32) for s in samples],
+        block,
+        vocab_size=metadata.vocab_size,
+        top_k=metadata.top_k,
+    )
+    schema = shard_schema(metadata.codec)
     return pa.table(
         {
-            "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
-            "input_ids": pa.array(
-                [np.asarray(s.input_ids, dtype=np.int32) for s in samples], pa.list_(pa.int32())
-            ),
-            "prompt_len": pa.array([s.prompt_len for s in samples], pa.int32()),
-            "topk_ids": pa.array(ids_blobs, pa.binary()),
-            "topk_logprobs": pa.array(lp_blobs, pa.binary()),
+            "sample_id": pa.array(block.sample_ids, pa.string()),
+            "input_ids": pa.array(block.input_ids, pa.list_(pa.int32())),
+            "prompt_len": pa.array(block.prompt_lens, pa.int32()),
+            **columns,
         },
-        schema=ARROW_SCHEMA.with_metadata(metadata.footer()),
+        schema=schema.with_metadata(metadata.footer()),
     )
+
+
+def shard_bytes(
+    samples: list[Sample],
+    metadata: ShardSetMetadata,
+    *,
+    row_group_positions: int = ROW_GROUP_POSITIONS,
+    where: str = "write",
+) -> bytes:
+    """The bytes of one shard file holding `samples` (Parquet, footer metadata included)."""
+    if not samples:
+        raise ShardFormatError(f"{where}: no samples")
+    table = encode_table(samples, metadata, where)
+    codec = get_codec(metadata.codec)
+    buf = io.BytesIO()
+    # Per-column settings are keyed by the Parquet column path (lists: "name.list.element").
+    compression = {"sample_id": "zstd", "input_ids.list.element": "zstd", "prompt_len": "zstd"}
+    compression |= codec.compression
+    options: dict[str, Any] = {
+        "compression": compression,
+        "compression_level": {c: 9 for c, kind in compression.items() if kind == "zstd"},
+        "use_dictionary": list(codec.dictionary),
+        "write_page_checksum": True,
+        "write_statistics": False,
+    }
+    with pq.ParquetWriter(buf, table.schema, **options) as writer:
+        start, positions = 0, 0
+        counts = [s.num_positions for s in samples]
+        for i, n in enumerate(counts):
+            positions += n
+            if positions >= row_group_positions or i == len(counts) - 1:
+                writer.write_table(table.slice(start, i + 1 - start), row_group_size=1 << 30)
+                start, positions = i + 1, 0
+    return buf.getvalue()
 
 
 def write_shard(
@@ -70,17 +117,12 @@ def write_shard(
     metadata: ShardSetMetadata,
     *,
     filesystem: pafs.FileSystem | None = None,
-    row_group_rows: int = 256,
+    row_group_positions: int = ROW_GROUP_POSITIONS,
 ) -> ShardInfo:
     """Write one whole shard file under a fresh unique name; it is not yet in the manifest."""
-    if not samples:
-        raise ShardFormatError("write_shard: no samples")
     fs, root = sfs.resolve(location, filesystem)
+    data = shard_bytes(samples, metadata, row_group_positions=row_group_positions, where=root)
     fs.create_dir(root, recursive=True)
-    table = encode_table(samples, metadata)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group_rows, **_PARQUET_OPTIONS)
-    data = buf.getvalue()
     name = f"part-{uuid.uuid4().hex[:16]}{SHARD_SUFFIX}"
     sfs.write_bytes_atomic(fs, sfs.join(root, name), data)
     return ShardInfo(
@@ -158,7 +200,7 @@ class ShardSetWriter:
         )
 
     def write(self, sample: Sample) -> None:
-        check_sample(sample, self.metadata, "write")
+        check_sample(sample, self.metadata, self.root)
         self._buffer.append(sample)
         self._buffered_positions += sample.num_positions
         if self._buffered_positions >= self.positions_per_shard:
