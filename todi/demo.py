@@ -84,7 +84,9 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 class _Service:
     """`todi serve` in a child process on a free loopback port."""
 
-    def __init__(self, model: Path, backend: str, storage_root: Path, log: Path) -> None:
+    def __init__(
+        self, model: Path, backend: str, temperature: float, storage_root: Path, log: Path
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = _todi(
@@ -99,6 +101,9 @@ class _Service:
             str(self.port),
             "--storage-root",
             str(storage_root),
+            # vLLM serves one temperature per engine (a tempered copy of the teacher).
+            "--temperature",
+            str(temperature),
         )
         print("$ todi " + " ".join(cmd[3:]) + f"   (log: {log})", flush=True)
         self._log = open(log, "ab")  # noqa: SIM115 - lives as long as the child process
@@ -204,7 +209,7 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict:
 
     _step(3, "teacher service: precompute top-k shards over REST")
     shards = out / "shards"
-    service = _Service(teacher, cfg.teacher_backend, shards, out / "service.log")
+    service = _Service(teacher, cfg.teacher_backend, cfg.temperature, shards, out / "service.log")
     try:
         service.wait_healthy()
         print(f"service healthy at {service.url}")
