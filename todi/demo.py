@@ -282,7 +282,8 @@ def _plot_before_after(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m in _METRICS if _metric(results["before"], m) is not None]
+    # Perplexity is exp(CE): plotting both would only squash the CE panel's scale.
+    names = [m for m in _METRICS[:-1] if _metric(results["before"], m) is not None]
     fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3))
     for ax, name in zip(axes if len(names) > 1 else [axes], names, strict=True):
         values = [_metric(results[k], name) for k in ("before", "after")]
@@ -301,7 +302,7 @@ def _print_summary(summary: dict) -> None:
     for name in _METRICS:
         b, a = _metric(before, name), _metric(after, name)
         if b is not None and a is not None:
-            print(f"{name:<18}{b:>12.4f}{a:>12.4f}")
+            print(f"{name:<18}{b:>12.4g}{a:>12.4g}")
     print(
         f"\neverything is under {summary['out']}\n"
         f"  student model : {summary['student']}\n"
