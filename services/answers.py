@@ -86,6 +86,10 @@ def _generate_vllm(model_dir, prompt_ids, max_new_tokens, temperature, top_p, se
         max_model_len=max_len,
         enforce_eager=True,
         seed=seed,
+        # Small scheduler steps: on a busy CPU one step over hundreds of fresh requests can
+        # outlast vLLM's execute_model RPC timeout and kill the engine.
+        max_num_seqs=32,
+        max_num_batched_tokens=2048,
     )
     try:
         params = [

@@ -71,9 +71,11 @@ def prepare_model(name: str, out: Path | None = None) -> Path:
         raise ModelError(f"unknown model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
     model = EMBEDDED_MODELS[name]
     out = Path(out) if out else todi_home() / "models" / name
-    marker = out / _DONE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256:
+    if _is_prepared(out, model):
         return out
+    if out.exists() and not (out / _DONE_MARKER).is_file() and any(out.iterdir()):
+        # Never delete a folder we did not make (a mistyped --out).
+        raise ModelError(f"{out} exists and is not a prepared model folder; choose another --out")
 
     gguf = _gguf_path(model)
     digest = _sha256_file(gguf)
@@ -85,14 +87,23 @@ def prepare_model(name: str, out: Path | None = None) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.torch_dtype = torch.bfloat16
     plain = LlamaForCausalLM(config)
-    plain.load_state_dict(quantized.state_dict(), strict=False)
+    loaded = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # A missing tensor would silently stay randomly initialized; only the tied head may be
+    # absent (tie_weights below points it at the embeddings).
+    missing = [
+        k
+        for k in loaded.missing_keys
+        if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))
+    ]
+    if missing:
+        raise ModelError(f"{gguf}: tensors missing after conversion: {missing[:5]}")
     plain.tie_weights()
     plain = plain.to(torch.bfloat16)
 
@@ -104,10 +115,26 @@ def prepare_model(name: str, out: Path | None = None) -> Path:
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / _DONE_MARKER).write_text(json.dumps({"name": name, "sha256": model.sha256}))
-    shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    # Several processes may prepare at once (parallel test sessions): never delete a folder
+    # another one has completed (its users may be reading it); the loser drops its copy.
+    if not _is_prepared(out, model):
+        shutil.rmtree(out, ignore_errors=True)  # an older preparation
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process's folder landed in between
+            if not _is_prepared(out, model):
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _is_prepared(out: Path, model: EmbeddedModel) -> bool:
+    marker = out / _DONE_MARKER
+    try:
+        return json.loads(marker.read_text()).get("sha256") == model.sha256
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_model(spec: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,102 @@
+"""Job configuration: what a precompute job computes and how it runs.
+
+`JobSpec` is the request body of `POST /v1/jobs`, the options of `todi precompute`, and what
+the job records in the shard manifest (`job=`). Fields that change the CONTENT of the output
+(`identity()`) must match when a job resumes into an existing set; the rest (batching, Ray,
+names) may change between runs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Fields that determine which samples the set holds and their values.
+IDENTITY_FIELDS = ("dataset", "top_k", "temperature", "max_seq_len", "chat_template")
+
+
+class JobSpec(BaseModel):
+    """A precompute job: score `dataset` with the teacher, write a shard set to `out`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    dataset: str = Field(
+        description="JSONL / Parquet file, a folder of them, or a Hugging Face datasets folder"
+    )
+    out: str = Field(
+        description="output shard-set folder; under the service, relative to its storage root"
+    )
+    top_k: int = Field(gt=0, le=4096, description="teacher log-probs kept per position")
+    temperature: float = Field(1.0, gt=0, description="teacher softmax temperature")
+    max_seq_len: int | None = Field(
+        None, ge=2, description="truncate sequences to this many tokens (prompt kept)"
+    )
+    batch_tokens: int = Field(
+        8192, ge=2, description="token budget of one backend call (sum of sequence lengths)"
+    )
+    positions_per_shard: int = Field(
+        65_536, ge=1, description="stored positions per shard file (the unit of resumption)"
+    )
+    chat_template: bool = Field(
+        True, description="apply the teacher's chat template to prompt + response rows"
+    )
+    ray: bool = Field(False, description="run on a Ray cluster with a pool of teacher actors")
+    num_actors: int = Field(2, ge=1, le=1024, description="teacher actors in --ray mode")
+    job_id: str | None = Field(None, description="job id (default: generated)")
+    name: str | None = Field(None, max_length=200, description="free-form label")
+
+    @field_validator("dataset", "out")
+    @classmethod
+    def _non_empty_path(cls, v: str) -> str:
+        if not v or not v.strip():
+            raise ValueError("must be a non-empty path")
+        if "\x00" in v:
+            raise ValueError("must not contain NUL bytes")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number > 0")
+        return v
+
+    @field_validator("job_id")
+    @classmethod
+    def _job_id(cls, v: str | None) -> str | None:
+        if v is not None and not _JOB_ID.match(v):
+            raise ValueError(
+                "must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
+        return v
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the output content (compared when resuming)."""
+        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+
+    def identity_differences(self, recorded: dict[str, Any]) -> list[str]:
+        """`field: recorded != ours` for each identity field a recorded job differs in."""
+        mine = self.identity()
+        return [
+            f"{k}: {recorded.get(k)!r} != {mine[k]!r}"
+            for k in IDENTITY_FIELDS
+            if k in recorded and recorded.get(k) != mine[k]
+        ]
+
+
+def validation_message(exc: Exception) -> str:
+    """One line naming the field for a pydantic ValidationError (else str(exc))."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for e in errors():
+        where = ".".join(str(p) for p in e.get("loc", ())) or "spec"
+        parts.append(f"{where}: {e.get('msg')}")
+    return "; ".join(parts)

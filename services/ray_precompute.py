@@ -1,0 +1,366 @@
+"""`--ray` precompute: Ray Data over the encoded rows, a pool of teacher actors writing shards.
+
+    driver:  rows --encode_rows--> staging Parquet files of the rows still to do, each about
+             `positions_per_shard` positions (= one future shard)
+    Ray Data: from_items(staging files) .map_batches(TeacherActor,
+             compute=ActorPoolStrategy(size=num_actors))
+    actor:   staging file -> backend.topk (batch_tokens per call) -> storage.write_shard
+             -> storage.commit_shards  (one whole shard per file, committed by the actor)
+    driver:  streams the per-shard results (progress, cancel), then marks the set complete.
+
+One engine per actor (`num_gpus=1` each when the cluster has GPUs). The driver tokenizes
+(rules of `services.datasets`), skips the ids already in whole shards of the output set, and
+stages only the rows still to do, so a re-run (after a cancel, a crash, or a killed driver)
+computes exactly the missing samples, as `services.jobs.run_precompute` does; the two modes
+resume each other's sets. The actors commit their own shards (the manifest update is
+lock-protected), so finished work survives a dead driver.
+
+The output must be a path every node sees (local disk for one node, a shared filesystem for
+a cluster): the staging folder lives inside the output set (`<out>/.staging-<id>/`; readers
+only read manifest-listed files) and is removed when the job completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.config import JobSpec
+from services.datasets import EncodeStats, encode_rows, read_rows
+from services.jobs import (
+    JobError,
+    JobProgress,
+    _Clock,
+    _normalized,
+    batched,
+    effective_max_len,
+    existing_sample_ids,
+    output_lock,
+    shard_metadata,
+    to_samples,
+)
+from storage import ShardInfo, ShardSetMetadata, commit_shards, expected_positions, write_shard
+
+STAGING_PREFIX = ".staging-"
+_STAGING_FILE_ROWS = 16_384
+
+
+class TeacherActor:
+    """One teacher engine; turns a batch of encoded rows into one committed shard."""
+
+    def __init__(
+        self,
+        backend: str,
+        model: str,
+        backend_options: dict[str, Any],
+        spec_json: dict[str, Any],
+        metadata_json: dict[str, Any],
+        commit: bool,
+    ) -> None:
+        from services.backends import create_backend
+
+        self.spec = JobSpec.model_validate(spec_json)
+        self.metadata = ShardSetMetadata.model_validate(metadata_json)
+        self.commit = commit
+        self.backend = create_backend(backend, model, **backend_options)
+        mine = shard_metadata(self.backend.info, self.spec)
+        diffs = mine.signature_differences(self.metadata)
+        if diffs:
+            raise JobError(
+                f"ray actor: this actor's teacher differs from the job's (actor != job): "
+                f"{'; '.join(diffs)}"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """batch["path"]: staging files; each becomes one shard."""
+        shards, sequences, tokens = [], [], []
+        for path in batch["path"]:
+            info, n, t = self._one(str(path))
+            shards.append(info.model_dump_json())
+            sequences.append(n)
+            tokens.append(t)
+        return {
+            "shard": np.array(shards),
+            "sequences": np.array(sequences, dtype=np.int64),
+            "tokens": np.array(tokens, dtype=np.int64),
+        }
+
+    def _one(self, path: str) -> tuple[ShardInfo, int, int]:
+        import pyarrow.parquet as pq
+
+        from services.datasets import EncodedRow
+
+        table = pq.read_table(path)
+        rows = [
+            EncodedRow(sid, np.asarray(ids, dtype=np.int32), int(plen), -1)
+            for sid, ids, plen in zip(
+                table.column("sample_id").to_pylist(),
+                table.column("input_ids").to_pylist(),
+                table.column("prompt_len").to_pylist(),
+                strict=True,
+            )
+        ]
+        samples = []
+        for chunk in batched(rows, self.spec.batch_tokens):
+            results = self.backend.topk(
+                [r.input_ids for r in chunk], self.spec.top_k, self.spec.temperature
+            )
+            samples.extend(to_samples(chunk, results, self.spec.top_k))
+        info = write_shard(self.spec.out, samples, self.metadata)
+        if self.commit:
+            commit_shards(self.spec.out, self.metadata, [info])
+        return info, len(rows), sum(r.num_tokens for r in rows)
+
+
+def _probe_info(backend: str, model: str, options: dict[str, Any], remote_args: dict) -> Any:
+    """Start the backend once in a Ray task to learn its TeacherInfo (fingerprints, limits)."""
+    import ray
+
+    @ray.remote(**remote_args)
+    def probe() -> dict[str, Any]:
+        from services.backends import create_backend
+
+        with create_backend(backend, model, **options) as b:
+            return b.info.to_dict()
+
+    from services.backends import TeacherInfo
+
+    data = ray.get(probe.remote())
+    temps = data.get("temperatures")
+    data["temperatures"] = None if temps is None else tuple(temps)
+    return TeacherInfo(**data)
+
+
+def _stage(
+    spec: JobSpec, tokenizer: Any, max_len: int, done: set[str], staging: Path
+) -> tuple[EncodeStats, int, int, int, int]:
+    """Write the rows still to do as Parquet files under `staging`, one file per shard
+    (about `positions_per_shard` positions), so the rows spread over many Ray Data blocks.
+
+    Returns (stats, todo sequences, todo tokens, todo positions, done tokens).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            pa.field("sample_id", pa.string()),
+            pa.field("input_ids", pa.list_(pa.int32())),
+            pa.field("prompt_len", pa.int32()),
+        ]
+    )
+    staging.mkdir(parents=True)
+    stats = EncodeStats()
+    todo_seqs = todo_tokens = todo_positions = done_tokens = 0
+    buf: list[Any] = []
+    buf_positions = 0
+    files = 0
+
+    def flush() -> None:
+        nonlocal buf, buf_positions, files
+        if not buf:
+            return
+        table = pa.table(
+            {
+                "sample_id": pa.array([r.sample_id for r in buf], pa.string()),
+                "input_ids": pa.array([r.input_ids for r in buf], pa.list_(pa.int32())),
+                "prompt_len": pa.array([r.prompt_len for r in buf], pa.int32()),
+            },
+            schema=schema,
+        )
+        pq.write_table(table, staging / f"rows-{files:06d}.parquet")
+        files += 1
+        buf, buf_positions = [], 0
+
+    for row in encode_rows(
+        read_rows(spec.dataset),
+        tokenizer,
+        max_seq_len=max_len,
+        chat_template=spec.chat_template,
+        stats=stats,
+    ):
+        if row.sample_id in done:
+            done_tokens += row.num_tokens
+            continue
+        positions = expected_positions(row.num_tokens, row.prompt_len)
+        buf.append(row)
+        buf_positions += positions
+        todo_seqs += 1
+        todo_tokens += row.num_tokens
+        todo_positions += positions
+        if buf_positions >= spec.positions_per_shard or len(buf) >= _STAGING_FILE_ROWS:
+            flush()
+    flush()
+    return stats, todo_seqs, todo_tokens, todo_positions, done_tokens
+
+
+def _remove_staging(out: str, keep: Path | None = None) -> None:
+    root = Path(out)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(STAGING_PREFIX) and p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def run_ray_precompute(
+    spec: JobSpec,
+    *,
+    backend: str,
+    model: str | os.PathLike[str],
+    backend_options: dict[str, Any] | None = None,
+    info: Any = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    actor_num_cpus: float | None = None,
+    actor_num_gpus: float | None = None,
+) -> JobProgress:
+    """Run a precompute job on the current Ray cluster (`ray.init()` if none is connected;
+    `RAY_ADDRESS` selects a cluster) with `spec.num_actors` teacher actors.
+
+    `info` (the TeacherInfo of the same backend/model, e.g. the service's engine) spares a
+    probe task that starts the engine once to learn it; every actor checks that its own
+    engine has the same signature. Each actor reserves `actor_num_gpus` GPUs (default 1 if
+    the cluster has GPUs, else 0) and `actor_num_cpus` CPUs (default 1). The output must be
+    a filesystem path every node sees (object-store URIs are refused: the actors commit
+    their own shards under a file lock). `cancel` is checked whenever a shard comes back.
+    """
+    import ray
+
+    if "://" in spec.out:
+        raise JobError("out: --ray jobs write to a shared filesystem path, not a URI")
+    spec = _normalized(spec)
+    spec = spec.model_copy(update={"out": str(Path(spec.out).absolute())})
+    model = str(model)
+    options = dict(backend_options or {})
+    if not ray.is_initialized():
+        ray.init()
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    num_gpus = actor_num_gpus if actor_num_gpus is not None else (1 if has_gpus else 0)
+    num_cpus = actor_num_cpus if actor_num_cpus is not None else 1
+    remote_args: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        remote_args["num_gpus"] = num_gpus
+    if info is None:
+        info = _probe_info(backend, model, options, remote_args)
+    metadata = shard_metadata(info, spec)
+    max_len = effective_max_len(spec, info)
+
+    progress = JobProgress(
+        job_id=spec.job_id or "local",
+        name=spec.name,
+        dataset=spec.dataset,
+        out=spec.out,
+        state="running",
+        started_at=time.time(),
+    )
+
+    def report() -> None:
+        if on_progress is not None:
+            on_progress(progress.model_copy(deep=True))
+
+    with output_lock(spec.out):
+        return _run(spec, backend, model, options, remote_args, info, metadata, max_len,
+                    progress, report, cancel)  # fmt: skip
+
+
+def _run(
+    spec: JobSpec,
+    backend: str,
+    model: str,
+    options: dict[str, Any],
+    remote_args: dict[str, Any],
+    info: Any,
+    metadata: ShardSetMetadata,
+    max_len: int,
+    progress: JobProgress,
+    report: Callable[[], None],
+    cancel: threading.Event | None,
+) -> JobProgress:
+    import ray
+    from transformers import AutoTokenizer
+
+    done = existing_sample_ids(spec, metadata)
+    job_record = {**spec.model_dump(mode="json"), "teacher": info.model, "backend": info.backend}
+    manifest = commit_shards(spec.out, metadata, complete=False, job=job_record)
+    progress.shards = len(manifest.shards)
+    _remove_staging(spec.out)  # left by an earlier run that was cancelled or killed
+    staging = Path(spec.out) / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    stats, todo_seqs, _todo_tokens, _todo_positions, done_tokens = _stage(
+        spec, tokenizer, max_len, done, staging
+    )
+    progress.apply_stats(stats)
+    progress.sequences_total, progress.tokens_total = stats.sequences, stats.tokens
+    progress.sequences_done = progress.resumed_sequences = stats.sequences - todo_seqs
+    progress.tokens_done = done_tokens
+    report()
+
+    complete = False
+    clock = _Clock(progress)
+    try:
+        if todo_seqs:
+            # One item per staging file (about one shard's positions, see _stage), one block
+            # per item: every actor gets work and each call writes exactly one shard. (Reading
+            # the rows through read_parquet would let Ray merge the small files into one
+            # block, i.e. one actor.)
+            files = sorted(str(f) for f in staging.glob("*.parquet"))
+            ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+            results = ds.map_batches(
+                TeacherActor,
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
+                fn_constructor_kwargs={
+                    "backend": backend,
+                    "model": model,
+                    "backend_options": options,
+                    "spec_json": spec.model_dump(mode="json"),
+                    "metadata_json": metadata.model_dump(mode="json"),
+                    "commit": True,
+                },
+                **remote_args,
+            )
+            cancelled = False
+            iterator = results.iter_batches(batch_size=None, batch_format="numpy")
+            try:
+                for out in iterator:
+                    progress.shards += len(out["shard"])  # committed by the actors
+                    clock.add(int(out["sequences"].sum()), int(out["tokens"].sum()))
+                    report()
+                    if cancel is not None and cancel.is_set():
+                        cancelled = True
+                        break
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
+            if not cancelled and progress.sequences_done != stats.sequences:
+                raise JobError(
+                    f"ray: {progress.sequences_done} of {stats.sequences} sequences came back "
+                    f"from the actors; re-run the job to compute the rest"
+                )
+            complete = not cancelled
+        else:
+            complete = True
+    finally:
+        if complete:
+            job_record["stats"] = stats.to_dict()
+            shutil.rmtree(staging, ignore_errors=True)
+        manifest = commit_shards(spec.out, metadata, complete=complete, job=job_record)
+        progress.shards = len(manifest.shards)
+    progress.state = "succeeded" if complete else "cancelled"
+    progress.eta_seconds = 0.0 if complete else None
+    progress.finished_at = time.time()
+    report()
+    return progress

