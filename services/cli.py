@@ -295,20 +295,34 @@ def _precompute_local(
         raise fail(validation_message(exc)) from None
     if backend != "hf" and "temperature" not in options and spec.temperature != 1.0:
         options["temperature"] = spec.temperature  # vllm / remote serve one temperature
-    with user_errors(BackendError, ModelError, OSError):
-        engine = create_backend(backend, model, **options)
+    engine = None
+    if not spec.ray:  # with --ray every actor starts its own engine
+        with user_errors(BackendError, ModelError, OSError):
+            engine = create_backend(backend, model, **options)
     bar = _bar(show)
     cancel = threading.Event()
     result: dict[str, Any] = {}
 
     def work() -> None:
+        def on_progress(p) -> None:
+            _update_bar(bar, _progress_dict(p))
+
         try:
-            result["progress"] = run_precompute(
-                spec,
-                engine,
-                on_progress=lambda p: _update_bar(bar, _progress_dict(p)),
-                cancel=cancel,
-            )
+            if engine is None:
+                from services.ray_precompute import run_ray_precompute
+
+                result["progress"] = run_ray_precompute(
+                    spec,
+                    backend=backend,
+                    model=model,
+                    backend_options=options,
+                    on_progress=on_progress,
+                    cancel=cancel,
+                )
+            else:
+                result["progress"] = run_precompute(
+                    spec, engine, on_progress=on_progress, cancel=cancel
+                )
         except BaseException as exc:
             result["error"] = exc
 
@@ -324,7 +338,8 @@ def _precompute_local(
             thread.join()
     finally:
         bar.close()
-        engine.close()
+        if engine is not None:
+            engine.close()
     if "error" in result:
         exc = result["error"]
         if isinstance(exc, DatasetError | ShardFormatError | BackendError | ValueError | OSError):
