@@ -50,7 +50,7 @@ def _texts(n: int, words: int, seed: int) -> list[tuple[str, str]]:
 
 def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k: int) -> float:
     from services.backends import create_backend
-    from storage import ShardSetMetadata, ShardSetWriter
+    from storage import DEFAULT_CODEC, ShardSetMetadata, ShardSetWriter
     from storage.schema import Sample
 
     backend = create_backend("hf", teacher_dir, max_top_k=top_k)
@@ -74,7 +74,7 @@ def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k
         temperature=1.0,
         logprobs_mode=info.logprobs_mode,
         backend=info.backend,
-        codec="qdelta32-planes-v1",
+        codec=DEFAULT_CODEC,
     )
     with ShardSetWriter(out, meta) as w:
         for i, ((ids, plen), res) in enumerate(zip(rows, results, strict=True)):

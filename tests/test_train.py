@@ -16,15 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from storage import Sample, ShardSetMetadata, ShardSetWriter, collate, open_shard_set
+from storage import DEFAULT_CODEC, Sample, ShardSetMetadata, ShardSetWriter, collate, open_shard_set
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import DataError
 from trainer.train import FAULT_ENV, TrainError, train
 
 TOP_K = 16
-# The legacy codec while storage's new default (rans) lands in the writer; codecs are never
-# removed, so sets in it stay readable. The lead can switch this to DEFAULT_CODEC.
-CODEC = "qdelta32-planes-v1"
+CODEC = DEFAULT_CODEC
 
 _SUBJECTS = ["cats", "rivers", "the moon", "bread", "music", "winter", "trains", "gardens"]
 _QUESTIONS = [
@@ -59,54 +57,58 @@ def _pairs(n: int) -> list[tuple[str, str]]:
 
 
 def write_teacher_shards(
-    teacher_dir: Path, out: Path, *, n: int = 40, top_k: int = TOP_K, codec: str = CODEC
-):
+    backend, out: Path, *, n: int = 40, top_k: int = TOP_K, codec: str = CODEC
+) -> Path:
     """A shard set of `n` prompt/response sequences with the real teacher's top-k (T = 1)."""
-    from services.backends import create_backend
-
-    backend = create_backend("hf", teacher_dir, max_top_k=top_k)
-    try:
-        tok = backend.tokenizer
-        seqs, prompt_lens = [], []
-        for question, answer in _pairs(n):
-            prompt = tok(f"Question: {question}\nAnswer:")["input_ids"]
-            response = tok(f" {answer}")["input_ids"] + [tok.eos_token_id]
-            seqs.append(prompt + response)
-            prompt_lens.append(len(prompt))
-        results = backend.topk(seqs, top_k, 1.0)
-        info = backend.info
-        meta = ShardSetMetadata(
-            teacher_model=info.model,
-            teacher_fingerprint=info.weights_sha256,
-            tokenizer_sha256=info.tokenizer_sha256,
-            vocab_size=info.vocab_size,
-            top_k=top_k,
-            temperature=1.0,
-            logprobs_mode=info.logprobs_mode,
-            backend=info.backend,
-            codec=codec,
-        )
-        with ShardSetWriter(out, meta, positions_per_shard=150) as writer:
-            for i, (ids, plen, res) in enumerate(zip(seqs, prompt_lens, results, strict=True)):
-                first = max(plen - 1, 0)
-                writer.write(
-                    Sample(
-                        f"qa-{i:03d}",
-                        np.asarray(ids, dtype=np.int32),
-                        plen,
-                        res.ids[first:],
-                        res.logprobs[first:],
-                    )
+    tok = backend.tokenizer
+    seqs, prompt_lens = [], []
+    for question, answer in _pairs(n):
+        prompt = tok(f"Question: {question}\nAnswer:")["input_ids"]
+        response = tok(f" {answer}")["input_ids"] + [tok.eos_token_id]
+        seqs.append(prompt + response)
+        prompt_lens.append(len(prompt))
+    results = backend.topk(seqs, top_k, 1.0)
+    info = backend.info
+    meta = ShardSetMetadata(
+        teacher_model=info.model,
+        teacher_fingerprint=info.weights_sha256,
+        tokenizer_sha256=info.tokenizer_sha256,
+        vocab_size=info.vocab_size,
+        top_k=top_k,
+        temperature=1.0,
+        logprobs_mode=info.logprobs_mode,
+        backend=info.backend,
+        codec=codec,
+    )
+    with ShardSetWriter(out, meta, positions_per_shard=150) as writer:
+        for i, (ids, plen, res) in enumerate(zip(seqs, prompt_lens, results, strict=True)):
+            first = max(plen - 1, 0)
+            writer.write(
+                Sample(
+                    f"qa-{i:03d}",
+                    np.asarray(ids, dtype=np.int32),
+                    plen,
+                    res.ids[first:],
+                    res.logprobs[first:],
                 )
-    finally:
-        backend.close()
+            )
     return out
 
 
 @pytest.fixture(scope="session")
-def train_shards(teacher_dir, tmp_path_factory) -> Path:
+def hf_teacher(teacher_dir):
+    """The real teacher behind the `hf` backend (float32 on CPU), shared by the fixtures."""
+    from services.backends import create_backend
+
+    backend = create_backend("hf", teacher_dir, max_top_k=64)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def train_shards(hf_teacher, tmp_path_factory) -> Path:
     """40 sequences, k = 16, written by the real teacher (hf backend)."""
-    return write_teacher_shards(teacher_dir, tmp_path_factory.mktemp("train") / "shards")
+    return write_teacher_shards(hf_teacher, tmp_path_factory.mktemp("train") / "shards")
 
 
 @pytest.fixture(scope="session")
@@ -236,6 +238,37 @@ def test_cli_error_is_one_line(train_shards, tiny_student, tmp_path):
     assert result.stderr.count("\n") == 1
 
 
+def test_epoch_order_is_a_pure_function_of_seed_epoch_rank():
+    from trainer.data import LoaderSettings, RawRow, epoch_batches
+
+    rng = np.random.default_rng(0)
+    rows = [RawRow(f"r{i}", int(rng.integers(5, 200)), {}) for i in range(203)]
+    settings = LoaderSettings(
+        batch_size=8, max_tokens=None, shuffle_buffer=50, bucket_buffer=32, seed=1
+    )
+
+    def ids(epoch, rank=0):
+        return [
+            [r.sample_id for r in b] for b in epoch_batches(rows, settings, epoch=epoch, rank=rank)
+        ]
+
+    e0 = ids(0)
+    assert e0 == ids(0)  # deterministic: resume can skip to a position
+    assert sorted(x for b in e0 for x in b) == sorted(r.sample_id for r in rows)  # once each
+    assert e0 != ids(1) and e0 != ids(0, rank=1)  # a new order per epoch (and per worker)
+    assert len(e0) == -(-203 // 8)  # whole-batch buckets: ceil(rows / batch_size) batches
+
+    def waste(bucket):
+        s = LoaderSettings(8, None, 50, bucket, seed=1)
+        real = padded = 0
+        for b in epoch_batches(rows, s, epoch=0, rank=0):
+            real += sum(r.length for r in b)
+            padded += max(r.length for r in b) * len(b)
+        return 1 - real / padded
+
+    assert waste(64) < 0.5 * waste(0)
+
+
 # ------------------------------------------------------------------------------------------
 # Student construction and the objective (no Ray)
 
@@ -258,7 +291,7 @@ def test_student_from_teacher_layers(teacher_dir, tmp_path):
     assert (tmp_path / "s" / "tokenizer.json").is_file()
 
 
-def test_offline_loss_equals_online_loss(train_shards, teacher_dir, tiny_student):
+def test_offline_loss_equals_online_loss(train_shards, hf_teacher, tiny_student):
     """The same batch: stored top-k vs the teacher's live top-k, through the same objective."""
     from trainer.objective import distillation_loss
     from trainer.online import OnlineTeacher
@@ -279,7 +312,7 @@ def test_offline_loss_equals_online_loss(train_shards, teacher_dir, tiny_student
             ce, div = batch_sums(objective, batch)
         return float(distillation_loss(ce, div, batch.num_tokens, 0.5)), float(div)
 
-    teacher = OnlineTeacher(str(teacher_dir), meta)
+    teacher = OnlineTeacher(hf_teacher, meta)
     try:
         same = teacher.fill(offline, quantize=True)
         assert torch.equal(same.topk_ids, offline.topk_ids)
@@ -316,6 +349,9 @@ def test_two_worker_run_learns_and_exports(reference_run):
     for key in ("loss", "ce", "divergence", "tokens", "tokens_per_s", "lr", "grad_norm"):
         assert all(np.isfinite(r[key]) for r in records), key
     assert all(0 <= r["padding_waste"] < 0.5 for r in records)
+    # 40 rows over 2 workers, 4 per micro-batch: epoch 0 is steps 1-5 and sees every row once
+    assert [r["epoch"] for r in records] == [0, 0, 0, 0, 0, 1]
+    assert sum(r["sequences"] for r in records if r["epoch"] == 0) == 40
     assert records[-1]["loss"] < records[0]["loss"]
     assert np.mean([r["loss"] for r in records[3:]]) < np.mean([r["loss"] for r in records[:3]])
     assert records[0]["lr"] == pytest.approx(5e-4) and records[-1]["lr"] < records[0]["lr"]

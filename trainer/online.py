@@ -7,18 +7,22 @@ shard's rows land in a `Batch` (the response positions, where labels != -100), s
 batch and the offline batch of the same samples differ only by what the shards store:
 
 - `quantize=False` (default): float32 targets. They differ from the shard values by the shard
-  codec's rounding (qdelta32: at most 1/64 nat per log-prob) and so does the loss, slightly.
-- `quantize=True`: the targets go through the shard set's codec (encode, decode), exactly
-  as the precompute job stores them: the same batch then gives the same loss to float
-  tolerance, which is what shows that the offline path is exact.
+  codec's rounding (the 1/32-nat codecs: at most 1/64 nat per log-prob) and so does the
+  loss, slightly.
+- `quantize=True`: the targets go through the shard set's codec (storage's `encode_table`
+  then `decode_table`), exactly as the precompute job stores them: the same batch then
+  gives the same loss to float tolerance, which is what shows that the offline path is
+  exact.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from storage import IGNORE_INDEX, Batch, ShardSetMetadata, get_codec
+from storage import IGNORE_INDEX, Batch, Sample, ShardSetMetadata, decode_table, encode_table
 
 
 class OnlineTeacherError(ValueError):
@@ -26,30 +30,34 @@ class OnlineTeacherError(ValueError):
 
 
 def _create_hf_backend(teacher_dir: str, **options):
-    try:
-        from services.backends import create_backend
-    except ImportError:  # the backends package without its factory: use the class itself
-        from services.backends.hf import HFBackend
+    from services.backends import create_backend
 
-        return HFBackend(teacher_dir, **options)
     return create_backend("hf", teacher_dir, **options)
 
 
 class OnlineTeacher:
-    """Fills a Batch's top-k targets from a live HF teacher."""
+    """Fills a Batch's top-k targets from a live HF teacher.
+
+    `teacher`: an HF folder (an `hf` backend is started, in float32, and closed by `close`)
+    or an already running backend (any kind; left open)."""
 
     def __init__(
         self,
-        teacher_dir: str,
+        teacher,
         meta: ShardSetMetadata,
         *,
         quantize: bool = False,
         device: str | None = None,
         vocab_limit: int | None = None,
     ) -> None:
-        self.backend = _create_hf_backend(
-            teacher_dir, max_top_k=meta.top_k, device=device, dtype="float32"
-        )
+        if isinstance(teacher, str | Path):
+            self.backend = _create_hf_backend(
+                str(teacher), max_top_k=meta.top_k, device=device, dtype="float32"
+            )
+            self._owned = True
+        else:
+            self.backend, self._owned = teacher, False
+        teacher_dir = self.backend.info.model
         info = self.backend.info
         if info.tokenizer_sha256 != meta.tokenizer_sha256:
             raise OnlineTeacherError(
@@ -64,7 +72,6 @@ class OnlineTeacher:
         self.meta = meta
         self.top_k = meta.top_k
         self.temperature = meta.temperature
-        self.codec = get_codec(meta.codec)
         self.quantize = quantize
         self.vocab_limit = vocab_limit
 
@@ -82,23 +89,46 @@ class OnlineTeacher:
         ids = torch.zeros((b, t, self.top_k), dtype=torch.long)
         lps = torch.zeros((b, t, self.top_k), dtype=torch.float32)
         counted = batch.labels != IGNORE_INDEX
-        for i, res in enumerate(results):
-            rows = counted[i].nonzero().squeeze(1)
-            if rows.numel() == 0:
+        rows_of = [counted[i].nonzero().squeeze(1) for i in range(b)]
+        blocks = [
+            (res.ids[r.numpy()], res.logprobs[r.numpy()])
+            for res, r in zip(results, rows_of, strict=True)
+        ]
+        if quantize:
+            blocks = self._through_codec(batch, lengths, rows_of, blocks)
+        for i, (r_ids, r_lps) in enumerate(blocks):
+            if rows_of[i].numel() == 0:
                 continue
-            sel = rows.numpy()
-            r_ids, r_lps = res.ids[sel], res.logprobs[sel]
-            if quantize:
-                a, c = self.codec.encode(r_ids, r_lps, self.meta.vocab_size)
-                r_ids, r_lps = self.codec.decode(a, c, len(sel), self.top_k, self.meta.vocab_size)
-            if self.vocab_limit is not None and r_ids.size and int(r_ids.max()) >= self.vocab_limit:
+            if self.vocab_limit is not None and int(r_ids.max()) >= self.vocab_limit:
                 raise OnlineTeacherError(
                     f"online teacher ranked padding row {int(r_ids.max())} (>= tokenizer size "
                     f"{self.vocab_limit}) into its top-{self.top_k}"
                 )
-            ids[i, rows] = torch.from_numpy(np.asarray(r_ids, dtype=np.int64))
-            lps[i, rows] = torch.from_numpy(np.asarray(r_lps, dtype=np.float32))
+            ids[i, rows_of[i]] = torch.from_numpy(np.asarray(r_ids, dtype=np.int64))
+            lps[i, rows_of[i]] = torch.from_numpy(np.asarray(r_lps, dtype=np.float32))
         return ids, lps
+
+    def _through_codec(self, batch: Batch, lengths, rows_of, blocks):
+        """Encode and decode the rows with the shard set's codec (storage's own functions):
+        exactly the values a shard written by the precompute job would hold."""
+        samples, index = [], []
+        for i, (r_ids, r_lps) in enumerate(blocks):
+            rows = rows_of[i]
+            if rows.numel() == 0:
+                continue
+            first, n = int(rows[0]), int(lengths[i])
+            if int(rows[-1]) != n - 2 or rows.numel() != n - 1 - first:
+                raise OnlineTeacherError("response positions are not one contiguous block")
+            seq = batch.input_ids[i, :n].numpy().astype(np.int32)
+            prompt_len = first + 1 if first > 0 else 0  # first stored = max(prompt_len - 1, 0)
+            samples.append(Sample(f"online-{i}", seq, prompt_len, r_ids, r_lps))
+            index.append(i)
+        out = list(blocks)
+        if samples:
+            decoded = decode_table(encode_table(samples, self.meta), self.meta, "online")
+            for i, s in zip(index, decoded, strict=True):
+                out[i] = (s.topk_ids, s.topk_logprobs)
+        return out
 
     def fill(self, batch: Batch, *, quantize: bool | None = None) -> Batch:
         """The same batch with the teacher's live top-k in place of the stored one."""
@@ -113,4 +143,5 @@ class OnlineTeacher:
         )
 
     def close(self) -> None:
-        self.backend.close()
+        if self._owned:
+            self.backend.close()

@@ -521,8 +521,16 @@ def _worker_loop(lc: dict[str, Any]) -> None:
             )
             step += 1
             epoch_steps += 1
-            ce, div, tokens, real, padded = all_reduce(
-                [stats.ce_sum, stats.div_sum, stats.tokens, stats.real_tokens, stats.padded_slots]
+            n_seqs = sum(len(b.sample_ids) for b in micro)
+            ce, div, tokens, real, padded, seqs = all_reduce(
+                [
+                    stats.ce_sum,
+                    stats.div_sum,
+                    stats.tokens,
+                    stats.real_tokens,
+                    stats.padded_slots,
+                    n_seqs,
+                ]
             )
             dt = time.perf_counter() - t0
             tokens = max(tokens, 1.0)  # a step without counted tokens logs zeros, not NaN
@@ -533,6 +541,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
                 "ce": ce / tokens,
                 "divergence": div / tokens,
                 "tokens": int(tokens),
+                "sequences": int(seqs),
                 "tokens_per_s": tokens / dt,
                 "lr": stats.lr,
                 "grad_norm": stats.grad_norm,
