@@ -206,11 +206,9 @@ def temper_model_dir(
         "norm_keys": list(plan.keys),
         "one_plus": plan.one_plus,
     }
-    marker = out / MARKER
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if all(done.get(k) == v for k, v in expected.items()):
-            return out
+    if _is_done(out, expected):
+        return out
+    if (out / MARKER).is_file():
         if out.parent != todi_home() / "tempered":
             raise TemperingError(f"{out} already holds a different tempered model; choose --out")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -246,16 +244,25 @@ def temper_model_dir(
     (tmp / MARKER).write_text(
         json.dumps({**expected, "source": str(src), "stored_dtype": stored}, indent=2)
     )
-    if out.exists():
-        shutil.rmtree(out)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        # Another process finished the same folder first: theirs is as good as ours.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / MARKER).is_file():
-            raise
+    # Several processes may temper the same folder at once: never delete one another has
+    # completed (an engine may be loading it); the loser drops its copy.
+    if not _is_done(out, expected):
+        shutil.rmtree(out, ignore_errors=True)  # an older tempering of ours, or empty
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process's folder landed in between
+            if not _is_done(out, expected):
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _is_done(out: Path, expected: dict) -> bool:
+    try:
+        done = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(done.get(k) == v for k, v in expected.items())
 
 
 def _tensor_bytes(path: Path) -> int:

@@ -458,7 +458,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
         positions = _gather(position)
         rngs = _gather(_rng_state())
         if rank == 0 and save:
-            state = {
+            ckpt_state = {
                 "step": step,
                 "epoch": epoch,
                 "positions": positions,
@@ -470,14 +470,16 @@ def _worker_loop(lc: dict[str, Any]) -> None:
                 ctx,
                 metrics,
                 f"step-{step:08d}",
-                lambda d: write_checkpoint(d, model, tokenizer, optimizer, scheduler, state),
+                lambda d: write_checkpoint(d, model, tokenizer, optimizer, scheduler, ckpt_state),
             )
         else:
             ray.train.report(metrics, checkpoint=None)
         if save:
             last_saved = step
 
-    done = max_steps is not None and step >= max_steps
+    done = (max_steps is not None and step >= max_steps) or (
+        max_steps is None and epoch >= cfg.epochs
+    )
     position = skip
     while not done:
         schema_box: list = []
@@ -568,6 +570,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
             )
         if not done:
             epoch += 1
+            position = 0  # a checkpoint now means "epoch `epoch`, nothing consumed yet"
             if max_steps is None and epoch >= cfg.epochs:
                 done = True
     stopped = (
