@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from todi.paths import todi_home
+from todi.paths import publish_dir, todi_home
 
 
 @dataclass(frozen=True)
@@ -115,18 +115,7 @@ def prepare_model(name: str, out: Path | None = None) -> Path:
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / _DONE_MARKER).write_text(json.dumps({"name": name, "sha256": model.sha256}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Several processes may prepare at once (parallel test sessions): never delete a folder
-    # another one has completed (its users may be reading it); the loser drops its copy.
-    if not _is_prepared(out, model):
-        shutil.rmtree(out, ignore_errors=True)  # an older preparation
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process's folder landed in between
-            if not _is_prepared(out, model):
-                raise
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return publish_dir(tmp, out, lambda path: _is_prepared(path, model))
 
 
 def _is_prepared(out: Path, model: EmbeddedModel) -> bool:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.models import ModelError, resolve_model, weights_fingerprint
-from todi.paths import todi_home
+from todi.paths import publish_dir, todi_home
 
 MARKER = "todi_tempered.json"
 
@@ -244,17 +244,7 @@ def temper_model_dir(
     (tmp / MARKER).write_text(
         json.dumps({**expected, "source": str(src), "stored_dtype": stored}, indent=2)
     )
-    # Several processes may temper the same folder at once: never delete one another has
-    # completed (an engine may be loading it); the loser drops its copy.
-    if not _is_done(out, expected):
-        shutil.rmtree(out, ignore_errors=True)  # an older tempering of ours, or empty
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process's folder landed in between
-            if not _is_done(out, expected):
-                raise
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return publish_dir(tmp, out, lambda path: _is_done(path, expected))
 
 
 def _is_done(out: Path, expected: dict) -> bool:
