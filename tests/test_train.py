@@ -328,6 +328,26 @@ def test_offline_loss_equals_online_loss(train_shards, hf_teacher, tiny_student)
         teacher.close()
 
 
+def test_dummy_batch_is_a_zero_gradient_pass(tiny_student):
+    """A worker whose data ran out joins the step's synchronized backward with a dummy batch:
+    its loss and every gradient must be exactly zero."""
+    from trainer.data import dummy_batch
+    from trainer.objective import distillation_loss
+    from trainer.student import build_student
+    from trainer.train import StudentObjective, batch_sums
+
+    model, _ = build_student(tiny_student)
+    objective = StudentObjective(model, kind="todi", beta=1.0, temperature=1.0, chunk_size=64)
+    batch = dummy_batch(TOP_K, pad_id=2)
+    assert batch.num_tokens == 0
+    ce, div = batch_sums(objective, batch)
+    loss = distillation_loss(ce, div, 7.0, 0.5)
+    loss.backward()
+    assert float(loss) == 0.0
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+
+
 # ------------------------------------------------------------------------------------------
 # Ray runs
 

@@ -400,7 +400,11 @@ def _worker_loop(lc: dict[str, Any]) -> None:
         model, tokenizer = build_student(lc["student_dir"], seed=cfg.seed)
     model.to(device)
     model.train()
-    bf16 = bool(lc["bf16"])
+    # bf16 autocast "where supported" is decided here, where the device is (the driver may
+    # run on a CPU-only head node).
+    bf16 = cfg.bf16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     objective: nn.Module = StudentObjective(
         model,
         kind=cfg.loss,
@@ -727,12 +731,6 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= cfg.workers
 
 
-def _bf16(cfg: TrainConfig, use_gpu: bool) -> bool:
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    return use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def _root_error(exc: BaseException) -> str:
     """The first line of the innermost worker error, for a one-line CLI message."""
     text = str(exc)
@@ -834,7 +832,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
     sink = None
     try:
         use_gpu = _use_gpu(cfg)
-        bf16 = _bf16(cfg, use_gpu)
         jemalloc = jemalloc_path() if cfg.jemalloc else None
         if cfg.jemalloc and jemalloc is None:
             raise TrainError("--jemalloc: this ray wheel has no ray/core/libjemalloc.so")
@@ -864,7 +861,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "vocab_limit": pairing.vocab_limit,
             "pad_id": student.pad_id,
             "total_steps": total,
-            "bf16": bf16,
             "queue": queue,
         }
         trainer = TorchTrainer(
