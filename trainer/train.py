@@ -111,6 +111,7 @@ class StudentObjective(nn.Module):
         chunk_size: int,
         vocab_limit: int | None = None,
         bf16: bool = False,
+        kd_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -118,6 +119,9 @@ class StudentObjective(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_limit = vocab_limit
         self.bf16 = bf16
+        # With the objective's kd_weight known, chunked_head_loss makes the head gradients
+        # chunk by chunk during forward (one head matmul less than recomputing in backward).
+        self.kd_weight = kd_weight
         body_and_head(model)  # fail early on a model without a linear head
 
     def forward(
@@ -149,6 +153,7 @@ class StudentObjective(nn.Module):
             beta=self.beta,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
+            kd_weight=self.kd_weight,
         )
         return parts.ce_sum, parts.div_sum
 
@@ -413,6 +418,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
         chunk_size=cfg.chunk_size,
         vocab_limit=lc["vocab_limit"],
         bf16=bf16,
+        kd_weight=cfg.kd_weight,
     )
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(
