@@ -286,6 +286,26 @@ def output_lock(out: str) -> Iterator[None]:
         os.close(fd)
 
 
+def start_progress(
+    spec: JobSpec, on_progress: Callable[[JobProgress], None] | None
+) -> tuple[JobProgress, Callable[[], None]]:
+    """A running job's progress record and the callback that reports a copy of it."""
+    progress = JobProgress(
+        job_id=spec.job_id or "local",
+        name=spec.name,
+        dataset=spec.dataset,
+        out=spec.out,
+        state="running",
+        started_at=time.time(),
+    )
+
+    def report() -> None:
+        if on_progress is not None:
+            on_progress(progress.model_copy(deep=True))
+
+    return progress, report
+
+
 def run_precompute(
     spec: JobSpec,
     backend: Any,
@@ -307,19 +327,7 @@ def run_precompute(
     backend.validate([[0, 0]], spec.top_k, spec.temperature)  # refuse k / T before any work
     metadata = shard_metadata(info, spec)
     max_len = effective_max_len(spec, info)
-    progress = JobProgress(
-        job_id=spec.job_id or "local",
-        name=spec.name,
-        dataset=spec.dataset,
-        out=spec.out,
-        state="running",
-        started_at=time.time(),
-    )
-
-    def report() -> None:
-        if on_progress is not None:
-            on_progress(progress.model_copy(deep=True))
-
+    progress, report = start_progress(spec, on_progress)
     with output_lock(spec.out):
         return _precompute(spec, backend, metadata, max_len, progress, report, cancel,
                            count_totals)  # fmt: skip

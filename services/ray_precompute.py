@@ -46,6 +46,7 @@ from services.jobs import (
     existing_sample_ids,
     output_lock,
     shard_metadata,
+    start_progress,
     to_samples,
 )
 from storage import ShardInfo, ShardSetMetadata, commit_shards, expected_positions, write_shard
@@ -254,20 +255,7 @@ def run_ray_precompute(
         info = _probe_info(backend, model, options, remote_args)
     metadata = shard_metadata(info, spec)
     max_len = effective_max_len(spec, info)
-
-    progress = JobProgress(
-        job_id=spec.job_id or "local",
-        name=spec.name,
-        dataset=spec.dataset,
-        out=spec.out,
-        state="running",
-        started_at=time.time(),
-    )
-
-    def report() -> None:
-        if on_progress is not None:
-            on_progress(progress.model_copy(deep=True))
-
+    progress, report = start_progress(spec, on_progress)
     with output_lock(spec.out):
         return _run(spec, backend, model, options, remote_args, info, metadata, max_len,
                     progress, report, cancel)  # fmt: skip
