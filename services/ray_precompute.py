@@ -67,12 +67,10 @@ class TeacherActor:
         metadata_json: dict[str, Any],
         commit: bool,
     ) -> None:
-        from services.backends import create_backend
-
         self.spec = JobSpec.model_validate(spec_json)
         self.metadata = ShardSetMetadata.model_validate(metadata_json)
         self.commit = commit
-        self.backend = create_backend(backend, model, **backend_options)
+        self.backend = _actor_backend(backend, model, backend_options)
         mine = shard_metadata(self.backend.info, self.spec)
         diffs = mine.signature_differences(self.metadata)
         if diffs:
@@ -122,15 +120,23 @@ class TeacherActor:
         return info, len(rows), sum(r.num_tokens for r in rows)
 
 
+def _actor_backend(backend: str, model: str, options: dict[str, Any]) -> Any:
+    """The backend inside a Ray worker. Several actors may share a node, so a vLLM CPU engine
+    must not pin its threads to the cores of the whole machine (`cpu_engine_env`): it runs
+    unbound with the OMP_NUM_THREADS Ray gives a worker (its num_cpus)."""
+    from services.backends import create_backend
+
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    return create_backend(backend, model, **options)
+
+
 def _probe_info(backend: str, model: str, options: dict[str, Any], remote_args: dict) -> Any:
     """Start the backend once in a Ray task to learn its TeacherInfo (fingerprints, limits)."""
     import ray
 
     @ray.remote(**remote_args)
     def probe() -> dict[str, Any]:
-        from services.backends import create_backend
-
-        with create_backend(backend, model, **options) as b:
+        with _actor_backend(backend, model, options) as b:
             return b.info.to_dict()
 
     from services.backends import TeacherInfo

@@ -320,11 +320,35 @@ def vllm_t2(teacher_dir, served):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_vllm_matches_hf_at_t1(teacher_dir, served, hf, sequences):
+def test_vllm_matches_hf_at_t1(teacher_dir, served, hf, sequences, monkeypatch):
+    # The CPU defaults: float32, and the engine's variables only while it starts.
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     with create_backend(
-        "vllm", teacher_dir, dtype="float32", max_model_len=MAX_LEN, max_num_batched_tokens=512
+        "vllm", teacher_dir, max_model_len=MAX_LEN, max_num_batched_tokens=512
     ) as vllm_t1:
+        assert vllm_t1.engine_args["dtype"] == "float32"
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
         _check_vllm_t1(vllm_t1, hf, sequences)
+
+
+def test_cpu_engine_env_sets_defaults_then_restores(monkeypatch):
+    from services.backends.vllm import cpu_engine_env
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    with cpu_engine_env():
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cores
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    # The user's own values win; an explicit KV cache size wins over the environment.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    with cpu_engine_env(kv_cache_space_gib=2):
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
 
 
 def _check_vllm_t1(vllm_t1, hf, sequences):

@@ -33,15 +33,16 @@ from todi.paths import todi_home
 class DemoConfig(BaseModel):
     """Sizes of one demo run; `fast()` is the small version the test suite runs."""
 
-    prompts: int = 480
+    # Sized for about 15 minutes on 2 idle CPU cores (measured: README, "Quick start").
+    prompts: int = 384
     held_out: float = 0.125
-    answer_tokens: int = 48
+    answer_tokens: int = 32
     max_seq_len: int = 192
     top_k: int = 64
     temperature: float = 2.0
     student_layers: int = 10
     workers: int = 2
-    max_steps: int = 60
+    max_steps: int = 48
     batch_size: int = 8
     lr: float = 1e-3
     teacher_backend: str = "vllm"
