@@ -8,8 +8,9 @@ t + 1, exactly like the student's logits at t. Positions that carry no teacher t
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,14 @@ import torch
 from storage.schema import Sample
 
 IGNORE_INDEX = -100
+
+
+class _HasId(Protocol):
+    @property
+    def sample_id(self) -> str: ...
+
+
+_Item = TypeVar("_Item", bound=_HasId)
 
 
 @dataclass
@@ -91,65 +100,94 @@ def iter_batches(
     drop_last: bool = False,
     pad_id: int = 0,
 ) -> Iterator[Batch]:
-    """Stream padded batches with bounded memory.
-
-    - `shuffle_buffer` > 0: a reservoir of that many samples, shuffled with `seed`.
-    - `bucket_buffer` > 0: gather that many samples, sort by length, cut into batches, and
-      emit the batches in random order: padding waste drops without breaking randomness.
-    - `max_tokens`: cap on batch_size * padded length (whichever limit hits first).
-    """
-    rng = random.Random(seed)
-    stream: Iterable[Sample] = samples
-    if shuffle_buffer > 0:
-        stream = _shuffled(samples, shuffle_buffer, rng)
-
-    def cut(group: list[Sample]) -> Iterator[list[Sample]]:
-        batch: list[Sample] = []
-        longest = 0
-        for s in group:
-            n = len(s.input_ids)
-            over_budget = (
-                max_tokens is not None and batch and max(longest, n) * (len(batch) + 1) > max_tokens
-            )
-            if len(batch) == batch_size or over_budget:
-                yield batch
-                batch, longest = [], 0
-            batch.append(s)
-            longest = max(longest, n)
-        if batch and not (drop_last and len(batch) < batch_size):
-            yield batch
-
-    if bucket_buffer <= 0:
-        for group in cut(stream):  # streams: holds at most one batch
-            yield collate(group, pad_id=pad_id)
-        return
-    pending: list[Sample] = []
-    for s in stream:
-        pending.append(s)
-        if len(pending) >= bucket_buffer:
-            yield from _bucketed(pending, cut, rng, pad_id)
-            pending = []
-    if pending:
-        yield from _bucketed(pending, cut, rng, pad_id)
-
-
-def _bucketed(pending: list[Sample], cut, rng: random.Random, pad_id: int) -> Iterator[Batch]:
-    pending.sort(key=lambda s: len(s.input_ids))
-    groups = list(cut(pending))
-    rng.shuffle(groups)
+    """Stream padded batches with bounded memory; the plan is `plan_batches`'s."""
+    groups = plan_batches(
+        samples,
+        length=lambda s: len(s.input_ids),
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        shuffle_buffer=shuffle_buffer,
+        bucket_buffer=bucket_buffer,
+        rng=random.Random(seed),
+        drop_last=drop_last,
+    )
     for group in groups:
         yield collate(group, pad_id=pad_id)
 
 
-def _shuffled(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
-    buffer: list[Sample] = []
-    for s in samples:
+def plan_batches(
+    items: Iterable[_Item],
+    *,
+    length: Callable[[_Item], int],
+    batch_size: int,
+    max_tokens: int | None,
+    shuffle_buffer: int,
+    bucket_buffer: int,
+    rng: random.Random,
+    drop_last: bool = False,
+) -> Iterator[list[_Item]]:
+    """Group a stream of sequences (decoded samples, or the trainer's raw shard rows) into
+    batches, with bounded memory. A pure function of the items' order and `rng`'s state.
+
+    - `shuffle_buffer` > 0: a reservoir of that many items, shuffled with `rng`.
+    - `bucket_buffer` > 0: gather that many items, sort by (length, sample_id), cut into
+      batches and emit them in random order: padding drops without breaking randomness.
+    - at most `batch_size` items and, with `max_tokens`, at most that many padded tokens
+      (rows * longest) a batch; a single longer item still forms its own batch.
+    - `drop_last`: leave out a short last batch (of each bucket, with bucketing).
+    """
+    stream = shuffle_buffered(items, shuffle_buffer, rng)
+
+    def cut(group: Iterable[_Item]) -> Iterator[list[_Item]]:
+        batch: list[_Item] = []
+        longest = 0
+        for item in group:
+            n = length(item)
+            over = (
+                max_tokens is not None and batch and max(longest, n) * (len(batch) + 1) > max_tokens
+            )
+            if len(batch) == batch_size or over:
+                yield batch
+                batch, longest = [], 0
+            batch.append(item)
+            longest = max(longest, n)
+        if batch and not (drop_last and len(batch) < batch_size):
+            yield batch
+
+    def bucketed(pending: list[_Item]) -> list[list[_Item]]:
+        # Ties by id: the order must not depend on how the items arrived.
+        pending.sort(key=lambda item: (length(item), item.sample_id))
+        groups = list(cut(pending))
+        rng.shuffle(groups)
+        return groups
+
+    if bucket_buffer <= 0:
+        yield from cut(stream)  # streams: holds at most one batch
+        return
+    pending: list[_Item] = []
+    for item in stream:
+        pending.append(item)
+        if len(pending) >= bucket_buffer:
+            yield from bucketed(pending)
+            pending = []
+    if pending:
+        yield from bucketed(pending)
+
+
+def shuffle_buffered(items: Iterable[_Item], size: int, rng: random.Random) -> Iterator[_Item]:
+    """A reservoir shuffle: each incoming item replaces a random one of `size` held items,
+    which is emitted; the rest come out shuffled at the end. `size` <= 0: unchanged order."""
+    if size <= 0:
+        yield from items
+        return
+    buffer: list[_Item] = []
+    for item in items:
         if len(buffer) < size:
-            buffer.append(s)
+            buffer.append(item)
             continue
         i = rng.randrange(size)
         yield buffer[i]
-        buffer[i] = s
+        buffer[i] = item
     rng.shuffle(buffer)
     yield from buffer
 

@@ -41,6 +41,7 @@ from storage import (
     open_shard_set,
     verify_shard_set,
 )
+from storage.batches import plan_batches
 
 if TYPE_CHECKING:
     from trainer.student import StudentInfo
@@ -231,65 +232,20 @@ def epoch_rng(seed: int, epoch: int, rank: int) -> random.Random:
     return random.Random(f"todi-data:{seed}:{epoch}:{rank}")
 
 
-def _shuffled(rows: Iterable[RawRow], size: int, rng: random.Random) -> Iterator[RawRow]:
-    if size <= 0:
-        yield from rows
-        return
-    buffer: list[RawRow] = []
-    for row in rows:
-        if len(buffer) < size:
-            buffer.append(row)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = row
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def epoch_batches(
     rows: Iterable[RawRow], settings: LoaderSettings, *, epoch: int, rank: int
 ) -> Iterator[list[RawRow]]:
     """Micro-batch plans for one epoch of one worker: a pure function of the rows' order and
     (seed, epoch, rank). Every row appears in exactly one plan."""
-    rng = epoch_rng(settings.seed, epoch, rank)
-    stream = _shuffled(rows, settings.shuffle_buffer, rng)
-    if settings.bucket_buffer <= 0:
-        yield from _cut(stream, settings.batch_size, settings.max_tokens)
-        return
-    pending: list[RawRow] = []
-    for row in stream:
-        pending.append(row)
-        if len(pending) >= settings.bucket_buffer:
-            yield from _bucket(pending, settings, rng)
-            pending = []
-    if pending:
-        yield from _bucket(pending, settings, rng)
-
-
-def _cut(rows: Iterable[RawRow], batch_size: int, max_tokens: int | None) -> Iterator[list[RawRow]]:
-    """Consecutive rows into micro-batches of <= batch_size rows and <= max_tokens padded
-    tokens (a single longer row still forms its own batch)."""
-    batch: list[RawRow] = []
-    longest = 0
-    for row in rows:
-        n = row.length
-        over = max_tokens is not None and batch and max(longest, n) * (len(batch) + 1) > max_tokens
-        if len(batch) == batch_size or over:
-            yield batch
-            batch, longest = [], 0
-        batch.append(row)
-        longest = max(longest, n)
-    if batch:
-        yield batch
-
-
-def _bucket(pending: list[RawRow], s: LoaderSettings, rng: random.Random) -> list[list[RawRow]]:
-    # Sort by length (ties by id: the order must not depend on how rows arrived) and cut.
-    pending.sort(key=lambda r: (r.length, r.sample_id))
-    groups = list(_cut(pending, s.batch_size, s.max_tokens))
-    rng.shuffle(groups)
-    return groups
+    return plan_batches(
+        rows,
+        length=lambda r: r.length,
+        batch_size=settings.batch_size,
+        max_tokens=settings.max_tokens,
+        shuffle_buffer=settings.shuffle_buffer,
+        bucket_buffer=settings.bucket_buffer,
+        rng=epoch_rng(settings.seed, epoch, rank),
+    )
 
 
 def decode_rows(
