@@ -202,6 +202,26 @@ def test_hf_info_and_batching(hf, teacher_dir, sequences):
     assert hf.topk([], 5) == []
 
 
+def test_remote_zero_probability_stays_a_storable_log_prob():
+    """vLLM's server writes a -inf prompt log-prob as -9999.0 (or JSON -Infinity); it must
+    reach the shard as a finite log-prob the codec can store, not be refused as -inf."""
+    from services.backends.remote import _parse_prompt_logprobs
+    from storage import DEFAULT_CODEC, get_codec
+
+    row = {
+        "5": {"logprob": -0.1, "rank": 1},
+        "7": {"logprob": -9999.0, "rank": 2},
+        "9": {"logprob": -float("inf"), "rank": 3},
+    }
+    out = _parse_prompt_logprobs([None, row], length=2, k=3)
+    assert out.ids.tolist() == [[5, 7, 9]]
+    assert np.isfinite(out.logprobs).all() and out.logprobs[0, 0] == np.float32(-0.1)
+    assert out.logprobs[0, 1:].tolist() == [-9999.0, -9999.0]
+    codec = get_codec(DEFAULT_CODEC)
+    ids, lps = codec.decode(*codec.encode(out.ids, out.logprobs, 16), 1, 3, 16)
+    assert ids.tolist() == [[5, 7, 9]] and np.exp(lps[0, 1:]).max() == 0.0
+
+
 def test_pack_by_budget():
     lengths = [5, 100, 7, 30, 30, 2, 600]
     batches = pack_by_budget(lengths, 128)

@@ -6,7 +6,8 @@ HTTP connection pool) so the server batches them. The answer's
 `choices[0].prompt_logprobs` is a list over prompt positions: `null` at position 0, then
 `{"<token id>": {"logprob", "rank", "decoded_token"}}` with ranks 1..k plus the actual
 token when it is outside the top k; we keep ranks 1..k. The server writes -inf as -9999.0;
-we map that back.
+we keep that finite stand-in (exp() is 0 either way, and shards hold finite log-probs only:
+the codec stores it at its floor).
 
 The server's temperature cannot be observed (prompt log-probs ignore the sampling
 temperature): the user declares it (`temperature`, default 1.0). To serve T != 1, start
@@ -32,7 +33,7 @@ import numpy as np
 from services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
 from services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
 
-_NEG_INF_SENTINEL = -9999.0  # vLLM's JSON stand-in for -inf
+_NEG_INF_SENTINEL = -9999.0  # vLLM's JSON stand-in for -inf (kept: a zero probability)
 
 
 def vllm_serve_command(
@@ -252,7 +253,7 @@ def _parse_prompt_logprobs(positions: list[Any], length: int, k: int) -> TopK:
             raise RemoteError(f"prompt_logprobs row {t}: fewer than {k} ranked entries")
         for j, (tid, _, lp) in enumerate(items):
             ids[t, j] = tid
-            lps[t, j] = -np.inf if lp <= _NEG_INF_SENTINEL else lp
+            lps[t, j] = max(lp, _NEG_INF_SENTINEL)
     return TopK(ids=ids, logprobs=lps)
 
 
