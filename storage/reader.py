@@ -198,7 +198,7 @@ class ShardSet:
             raise ShardFormatError(f"{path}: sha256 differs from the manifest (corrupted)")
         return data
 
-    def _open(self, info: ShardInfo, data: bytes | None = None) -> pq.ParquetFile:
+    def open_shard_file(self, info: ShardInfo, data: bytes | None = None) -> pq.ParquetFile:
         """The shard's ParquetFile after the checks: size, sha256, footer == manifest, schema."""
         path = self.path(info)
         if data is None:
@@ -242,7 +242,7 @@ class ShardSet:
         self, info: ShardInfo, *, validate: bool = True, _pf: pq.ParquetFile | None = None
     ) -> Iterator[Sample]:
         """Samples of one listed shard; checks its rows and positions against the manifest."""
-        pf = self._open(info) if _pf is None else _pf
+        pf = self.open_shard_file(info) if _pf is None else _pf
         path = self.path(info)
         positions = 0
         for i in range(pf.num_row_groups):
@@ -277,7 +277,7 @@ class ShardSet:
         """Ids of every sample in listed shards (reads only that column)."""
         ids: set[str] = set()
         for info in self.manifest.shards:
-            pf = self._open(info)
+            pf = self.open_shard_file(info)
             ids.update(pf.read(columns=["sample_id"]).column(0).to_pylist())
         return ids
 
@@ -348,7 +348,7 @@ def verify_shard_set(
     for info in manifest.shards:
         path = shard_set.path(info)
         try:
-            pf = shard_set._open(info)
+            pf = shard_set.open_shard_file(info)
             footer = ShardSetMetadata.from_footer(pf.schema_arrow.metadata, path)
             for name in type(footer).model_fields:
                 ours, theirs = getattr(footer, name), getattr(manifest.metadata, name)

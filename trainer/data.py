@@ -174,7 +174,7 @@ def _make_datasource(shard_set: ShardSet, shards: list):
             for info in shards:
 
                 def read(info=info) -> Iterator[pa.Table]:
-                    pf = _open_shard(shard_set, info)
+                    pf = shard_set.open_shard_file(info)
                     for i in range(pf.num_row_groups):
                         yield pf.read_row_group(i).replace_schema_metadata(None)
 
@@ -188,11 +188,6 @@ def _make_datasource(shard_set: ShardSet, shards: list):
             return tasks
 
     return ShardSetDatasource()
-
-
-def _open_shard(shard_set: ShardSet, info):
-    """The shard's ParquetFile, through the reader's checks (footer == manifest, schema)."""
-    return shard_set._open(info)
 
 
 def build_dataset(shard_set: ShardSet, *, seed: int, read_cpus: float = 0.0):
