@@ -182,19 +182,26 @@ def existing_sample_ids(spec: JobSpec, metadata: ShardSetMetadata) -> set[str]:
     return shard_set.sample_ids()
 
 
+def job_rows(
+    spec: JobSpec, tokenizer: Any, max_len: int, stats: EncodeStats
+) -> Iterator[EncodedRow]:
+    """The job's dataset, read and tokenized the way every pass over it must see it."""
+    return encode_rows(
+        read_rows(spec.dataset),
+        tokenizer,
+        max_seq_len=max_len,
+        chat_template=spec.chat_template,
+        stats=stats,
+    )
+
+
 def count_rows(
     spec: JobSpec, tokenizer: Any, max_len: int, done: set[str]
 ) -> tuple[EncodeStats, int, int]:
     """First pass: (stats, sequences already done, their tokens). Tokenization only."""
     stats = EncodeStats()
     done_seqs = done_tokens = 0
-    for row in encode_rows(
-        read_rows(spec.dataset),
-        tokenizer,
-        max_seq_len=max_len,
-        chat_template=spec.chat_template,
-        stats=stats,
-    ):
+    for row in job_rows(spec, tokenizer, max_len, stats):
         if row.sample_id in done:
             done_seqs += 1
             done_tokens += row.num_tokens
@@ -363,13 +370,7 @@ def _precompute(
     try:
         todo = (
             row
-            for row in encode_rows(
-                read_rows(spec.dataset),
-                backend.tokenizer,
-                max_seq_len=max_len,
-                chat_template=spec.chat_template,
-                stats=stats,
-            )
+            for row in job_rows(spec, backend.tokenizer, max_len, stats)
             if row.sample_id not in done
         )
         for rows in batched(todo, spec.batch_tokens):

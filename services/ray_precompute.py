@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from services.config import JobSpec
-from services.datasets import EncodeStats, encode_rows, read_rows
+from services.datasets import EncodeStats
 from services.jobs import (
     JobError,
     JobProgress,
@@ -44,6 +44,7 @@ from services.jobs import (
     batched,
     effective_max_len,
     existing_sample_ids,
+    job_rows,
     output_lock,
     shard_metadata,
     start_progress,
@@ -188,13 +189,7 @@ def _stage(
         files += 1
         buf, buf_positions = [], 0
 
-    for row in encode_rows(
-        read_rows(spec.dataset),
-        tokenizer,
-        max_seq_len=max_len,
-        chat_template=spec.chat_template,
-        stats=stats,
-    ):
+    for row in job_rows(spec, tokenizer, max_len, stats):
         if row.sample_id in done:
             done_tokens += row.num_tokens
             continue
