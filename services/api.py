@@ -121,7 +121,11 @@ class LogprobsRequest(BaseModel):
     )
     texts: list[StrictStr] | None = Field(None, description="Texts, tokenized by the teacher.")
     top_k: StrictInt = Field(description="How many next tokens per position (<= max_top_k).")
-    temperature: float = Field(1.0, description="Softmax temperature T > 0.")
+    temperature: float | None = Field(
+        None,
+        description="Softmax temperature T > 0. Default: the engine's one temperature "
+        "(a vllm/remote engine serves exactly one), else 1.0.",
+    )
 
 
 class SequenceResult(BaseModel):
@@ -675,8 +679,11 @@ def create_app(
         seqs, field = await _sequences(body)
         engine = state.backend
         try:
+            temperature = body.temperature
+            if temperature is None:
+                temperature = engine.info.default_temperature
             seqs, top_k, temperature = await run_in_threadpool(
-                engine.validate, seqs, body.top_k, body.temperature
+                engine.validate, seqs, body.top_k, temperature
             )
         except BackendError as exc:
             raise _backend_422(exc, field) from None
@@ -746,6 +753,8 @@ def create_app(
         from services.datasets import DatasetError
         from services.jobs import JobConflictError, JobLimitError, JobPathError
 
+        if "temperature" not in spec.model_fields_set:
+            spec = spec.model_copy(update={"temperature": state.backend.info.default_temperature})
         try:
             state.backend.validate([[0, 0]], spec.top_k, spec.temperature)
             job_id = await run_in_threadpool(state.jobs.submit, spec)

@@ -159,7 +159,9 @@ def precompute(
         ..., "--out", help="Shard-set folder (with --server: relative to its storage root)."
     ),
     top_k: int = typer.Option(..., "--top-k"),
-    temperature: float = typer.Option(1.0, "--temperature"),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help="T > 0 (default: --server: the service's own; --local: 1)."
+    ),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
     server: str | None = typer.Option(None, "--server", help="URL of a running todi serve."),
     local: bool = typer.Option(False, "--local", help="Run the job in this process."),

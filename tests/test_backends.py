@@ -409,6 +409,45 @@ def test_vllm_tempered_matches_transformers_at_t2(vllm_t2, reference, sequences)
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_service_defaults_to_the_engines_one_temperature(vllm_t2, sequences, tmp_path):
+    """A T = 2 vLLM engine behind the real app: a request or job that names no temperature
+    gets 2 (not 1.0, which this engine cannot serve); naming another one is a 422."""
+    from fastapi.testclient import TestClient
+
+    from services.api import create_app
+    from services.settings import ServiceSettings
+
+    settings = ServiceSettings(model=str(vllm_t2.model_dir), storage_root=tmp_path, api_key=None)
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"prompt": "Hi there", "response": "Hello, how are you?"}\n')
+    with TestClient(create_app(settings, vllm_t2)) as client:
+        r = client.post("/v1/logprobs", json={"input_ids": [sequences[0]], "top_k": K})
+        assert r.status_code == 200, r.text
+        assert r.json()["temperature"] == 2.0
+        want = vllm_t2.topk([sequences[0]], K, 2.0)[0]
+        assert r.json()["results"][0]["topk_ids"] == want.ids.tolist()
+        r = client.post(
+            "/v1/logprobs", json={"input_ids": [sequences[0]], "top_k": K, "temperature": 1.0}
+        )
+        assert r.status_code == 422 and r.json()["field"] == "temperature"
+        r = client.post("/v1/jobs", json={"dataset": str(dataset), "out": "t", "top_k": K})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + 300
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["state"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["state"] == "succeeded", job
+    from storage import open_shard_set
+
+    assert open_shard_set(tmp_path / "t").signature.temperature == 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_remote_vllm_serve_equals_vllm_backend(served, vllm_t2, teacher_dir, sequences):
     url = _wait_healthy(served)
     remote = create_backend(

@@ -39,6 +39,13 @@ class TeacherInfo:
     logprobs_mode: str  # how the log-probs were made, e.g. "raw_logprobs", "log_softmax_fp32"
     temperatures: tuple[float, ...] | None  # temperatures this backend serves; None = any
 
+    @property
+    def default_temperature(self) -> float:
+        """What a request or job that names no temperature gets: the one temperature this
+        backend serves, else 1.0."""
+        temps = self.temperatures
+        return float(temps[0]) if temps is not None and len(temps) == 1 else 1.0
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["temperatures"] = None if self.temperatures is None else list(self.temperatures)
