@@ -50,7 +50,8 @@ def _texts(n: int, words: int, seed: int) -> list[tuple[str, str]]:
 
 def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k: int) -> float:
     from services.backends import create_backend
-    from storage import DEFAULT_CODEC, ShardSetMetadata, ShardSetWriter
+    from services.jobs import teacher_shard_metadata
+    from storage import ShardSetWriter
     from storage.schema import Sample
 
     backend = create_backend("hf", teacher_dir, max_top_k=top_k)
@@ -64,18 +65,7 @@ def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k
     t0 = time.perf_counter()
     results = backend.topk([r[0] for r in rows], top_k, 1.0)
     seconds = time.perf_counter() - t0
-    info = backend.info
-    meta = ShardSetMetadata(
-        teacher_model=info.model,
-        teacher_fingerprint=info.weights_sha256,
-        tokenizer_sha256=info.tokenizer_sha256,
-        vocab_size=info.vocab_size,
-        top_k=top_k,
-        temperature=1.0,
-        logprobs_mode=info.logprobs_mode,
-        backend=info.backend,
-        codec=DEFAULT_CODEC,
-    )
+    meta = teacher_shard_metadata(backend.info, top_k=top_k, temperature=1.0)
     with ShardSetWriter(out, meta) as w:
         for i, ((ids, plen), res) in enumerate(zip(rows, results, strict=True)):
             first = max(plen - 1, 0)

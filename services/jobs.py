@@ -125,16 +125,23 @@ class JobProgress(BaseModel):
 
 def shard_metadata(info: Any, spec: JobSpec) -> ShardSetMetadata:
     """The shard-set metadata for a job run by a backend with `info` (a TeacherInfo)."""
+    return teacher_shard_metadata(info, top_k=spec.top_k, temperature=spec.temperature)
+
+
+def teacher_shard_metadata(
+    info: Any, *, top_k: int, temperature: float, codec: str = DEFAULT_CODEC
+) -> ShardSetMetadata:
+    """The metadata of a set of top-k from a backend with `info` (a TeacherInfo)."""
     return ShardSetMetadata(
         teacher_model=info.model,
         teacher_fingerprint=info.weights_sha256,
         tokenizer_sha256=info.tokenizer_sha256,
         vocab_size=info.vocab_size,
-        top_k=spec.top_k,
-        temperature=spec.temperature,
+        top_k=top_k,
+        temperature=temperature,
         logprobs_mode=info.logprobs_mode,
         backend=info.backend,
-        codec=DEFAULT_CODEC,
+        codec=codec,
     )
 
 

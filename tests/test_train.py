@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from services.jobs import teacher_shard_metadata
 from storage import DEFAULT_CODEC, Sample, ShardSetMetadata, ShardSetWriter, collate, open_shard_set
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.data import DataError
@@ -68,18 +69,7 @@ def write_teacher_shards(
         seqs.append(prompt + response)
         prompt_lens.append(len(prompt))
     results = backend.topk(seqs, top_k, 1.0)
-    info = backend.info
-    meta = ShardSetMetadata(
-        teacher_model=info.model,
-        teacher_fingerprint=info.weights_sha256,
-        tokenizer_sha256=info.tokenizer_sha256,
-        vocab_size=info.vocab_size,
-        top_k=top_k,
-        temperature=1.0,
-        logprobs_mode=info.logprobs_mode,
-        backend=info.backend,
-        codec=codec,
-    )
+    meta = teacher_shard_metadata(backend.info, top_k=top_k, temperature=1.0, codec=codec)
     with ShardSetWriter(out, meta, positions_per_shard=150) as writer:
         for i, (ids, plen, res) in enumerate(zip(seqs, prompt_lens, results, strict=True)):
             first = max(plen - 1, 0)
