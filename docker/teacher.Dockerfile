@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Teacher service on NVIDIA GPUs: the official CUDA vLLM image plus this project (`gpu` extra).
 #   docker build -f docker/teacher.Dockerfile -t todi-distill/teacher .
 #   docker run --gpus all -p 8000:8000 -v todi-data:/data todi-distill/teacher

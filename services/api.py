@@ -636,10 +636,13 @@ def create_app(
     # -- unauthenticated -----------------------------------------------------------------
     @app.get("/healthz", tags=["service"], responses={503: {"model": ErrorResponse}})
     async def healthz() -> dict[str, Any]:
-        """Liveness: 200 once the engine is loaded, 503 if its thread is gone."""
+        """Liveness: 200 once the engine is loaded; 503 if its thread or the engine is gone."""
         b = state.batcher
         if b is None or not b.alive:
             raise ApiError(503, "the engine thread is not running")
+        dead = state.backend.health() if state.backend is not None else None
+        if dead is not None:
+            raise ApiError(503, f"engine: {dead}")
         return {
             "status": "ok",
             "backend": state.backend.info.backend if state.backend else None,

@@ -246,6 +246,15 @@ def run_ray_precompute(
     options = dict(backend_options or {})
     if not ray.is_initialized():
         ray.init()
+    if _through_ray_client():
+        return _run_on_cluster(
+            {
+                "spec": spec, "backend": backend, "model": model, "backend_options": options,
+                "info": info, "actor_num_cpus": actor_num_cpus, "actor_num_gpus": actor_num_gpus,
+            },
+            on_progress,
+            cancel,
+        )  # fmt: skip
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     num_gpus = actor_num_gpus if actor_num_gpus is not None else (1 if has_gpus else 0)
     num_cpus = actor_num_cpus if actor_num_cpus is not None else 1
@@ -260,6 +269,71 @@ def run_ray_precompute(
     with output_lock(spec.out):
         return _run(spec, backend, model, options, remote_args, info, metadata, max_len,
                     progress, report, cancel)  # fmt: skip
+
+
+def _through_ray_client() -> bool:
+    from ray.util.client import ray as client_ray
+
+    return client_ray.is_connected()
+
+
+class _ClusterDriver:
+    """A `--ray` precompute job run inside the cluster, for a caller that is a Ray client
+    (`ray://...`, e.g. the compose stack's teacher service). Ray Data's streaming executor
+    needs a driver on a cluster node: through the client it fails ("'Worker' object has no
+    attribute 'core_worker'", Ray 2.60). The job runs in a thread; the caller polls it."""
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self._cancel = threading.Event()
+        self._progress: dict[str, Any] | None = None
+        self._outcome: tuple[str, Any] | None = None
+        threading.Thread(target=self._main, args=(kwargs,), daemon=True).start()
+
+    def _main(self, kwargs: dict[str, Any]) -> None:
+        try:
+            result = run_ray_precompute(**kwargs, on_progress=self._report, cancel=self._cancel)
+            self._outcome = ("ok", result.model_dump(mode="json"))
+        except Exception as exc:  # the caller re-raises it with its message
+            message = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
+            self._outcome = ("error", message)
+
+    def _report(self, progress: JobProgress) -> None:
+        self._progress = progress.model_dump(mode="json")
+
+    def poll(self) -> tuple[dict[str, Any] | None, tuple[str, Any] | None]:
+        return self._progress, self._outcome
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+def _run_on_cluster(
+    kwargs: dict[str, Any],
+    on_progress: Callable[[JobProgress], None] | None,
+    cancel: threading.Event | None,
+    poll_seconds: float = 1.0,
+) -> JobProgress:
+    import ray
+
+    driver = ray.remote(num_cpus=0)(_ClusterDriver).remote(kwargs)
+    try:
+        cancel_sent = False
+        while True:
+            progress, outcome = ray.get(driver.poll.remote())
+            if progress is not None and on_progress is not None:
+                on_progress(JobProgress.model_validate(progress))
+            if outcome is not None:
+                break
+            if cancel is not None and cancel.is_set() and not cancel_sent:
+                ray.get(driver.cancel.remote())
+                cancel_sent = True
+            time.sleep(poll_seconds)
+    finally:
+        ray.kill(driver)
+    kind, value = outcome
+    if kind == "error":
+        raise JobError(value)
+    return JobProgress.model_validate(value)
 
 
 def _run(

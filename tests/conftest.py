@@ -41,3 +41,9 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The compose stack's tests run first: while they run, no engine, server or Ray cluster
+    of this session competes with the containers for the host's ports, cores and memory."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_compose.py")

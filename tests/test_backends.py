@@ -349,6 +349,22 @@ def test_vllm_matches_hf_at_t1(teacher_dir, served, hf, sequences, monkeypatch):
         assert vllm_t1.engine_args["dtype"] == "float32"
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
         _check_vllm_t1(vllm_t1, hf, sequences)
+        _check_health_follows_the_engine(vllm_t1)
+
+
+def _check_health_follows_the_engine(backend) -> None:
+    """health() is None while the engine core runs, and names the failure once it dies
+    (what the service's /healthz and the compose health check report)."""
+    assert backend.health() is None
+    procs = backend._llm.llm_engine.engine_core.resources.engine_manager.processes
+    assert procs, "expected vLLM's engine core in a child process"
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while backend.health() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    reason = backend.health()
+    assert reason is not None and "engine core" in reason, reason
 
 
 def test_cpu_engine_env_sets_defaults_then_restores(monkeypatch):

@@ -53,6 +53,11 @@ def train_command(
     ),
     workers: int = typer.Option(None, "--workers", help="Ray Train workers [2]."),
     cpus_per_worker: float = typer.Option(None, "--cpus-per-worker", help="[1]."),
+    placement_strategy: str = typer.Option(
+        None,
+        "--placement-strategy",
+        help="PACK | SPREAD | STRICT_PACK | STRICT_SPREAD: workers on one node or on many [PACK].",
+    ),
     use_gpu: bool = typer.Option(None, "--gpu/--no-gpu", help="GPU workers [if available]."),
     ray_address: str = typer.Option(
         None, "--ray-address", help="Join a cluster: auto | ray://host:port (default: local)."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -69,6 +69,11 @@ class TrainConfig(BaseModel):
     # -- cluster ---------------------------------------------------------------------------
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray placement of the training workers: PACK fills one node first; "
+        "SPREAD puts them on different nodes where it can (STRICT_*: must)",
+    )
     use_gpu: bool | None = Field(None, description="None = GPU workers iff the cluster has GPUs")
     ray_address: str | None = Field(None, description="auto | ray://host:port; None = local")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from a checkpoint")

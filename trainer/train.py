@@ -877,6 +877,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 num_workers=cfg.workers,
                 use_gpu=use_gpu,
                 resources_per_worker={"CPU": cfg.cpus_per_worker},
+                placement_strategy=cfg.placement_strategy,
             ),
             run_config=RunConfig(
                 name=RUN_NAME,

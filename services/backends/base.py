@@ -151,6 +151,14 @@ class TeacherBackend(ABC):
             out.append(arr.astype(np.int64).tolist())
         return out, top_k, temperature
 
+    def health(self) -> str | None:
+        """None while the engine can serve; otherwise why it cannot (one line).
+
+        Cheap and lock-free, so a liveness probe never waits behind a long engine call."""
+        if self._closed:
+            return f"{self.info.backend} backend is closed"
+        return self._health()
+
     def close(self) -> None:
         """Release the engine (idempotent)."""
         with self._lock:
@@ -168,6 +176,10 @@ class TeacherBackend(ABC):
     @abstractmethod
     def _topk(self, sequences: list[list[int]], top_k: int, temperature: float) -> list[TopK]:
         """Compute on validated input."""
+
+    def _health(self) -> str | None:
+        """Engine-specific liveness (an in-process engine is alive while this process is)."""
+        return None
 
     def _close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release resources; called once, under the lock."""

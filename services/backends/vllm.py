@@ -195,6 +195,21 @@ class VLLMBackend(TeacherBackend):
             for out, seq in zip(outputs, sequences, strict=True)
         ]
 
+    def _health(self) -> str | None:
+        # vLLM runs its engine core in a child process; a monitor thread flags the client
+        # dead when that process exits, and every later call would fail.
+        core = getattr(self._llm.llm_engine, "engine_core", None)
+        resources = getattr(core, "resources", None)
+        if resources is None:  # in-process engine core: alive with this process
+            return None
+        if resources.engine_dead:
+            return "the vLLM engine core process has died"
+        manager = getattr(resources, "engine_manager", None)
+        for proc in getattr(manager, "processes", None) or ():
+            if not proc.is_alive():
+                return f"the vLLM engine core process {proc.pid} exited ({proc.exitcode})"
+        return None
+
     def _close(self) -> None:
         llm = self.__dict__.pop("_llm", None)
         if llm is not None:
