@@ -395,7 +395,7 @@ def test_eval_job(stack):
 def test_ray_precompute_runs_teacher_actors_on_worker_nodes(stack):
     spec = {
         "dataset": "train.jsonl", "out": "train-ray", "top_k": 20, "ray": True,
-        "num_actors": 2, "positions_per_shard": 256, "job_id": "ray-capture",
+        "num_actors": 2, "positions_per_shard": 64, "job_id": "ray-capture",
     }  # fmt: skip
     status, body = stack.http("POST", "/v1/jobs", spec)
     assert status == 202, body
