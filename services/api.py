@@ -53,12 +53,11 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
-
-from services.backends import BackendError, TeacherBackend, TopK, create_backend
-from services.batcher import BatchedBackend, BatchStats, DynamicBatcher, ShuttingDown
-from services.config import JobSpec
-from services.settings import ServiceSettings
-from storage.schema import ARROW_SCHEMA, content_sample_id
+from todi.services.backends import BackendError, TeacherBackend, TopK, create_backend
+from todi.services.batcher import BatchedBackend, BatchStats, DynamicBatcher, ShuttingDown
+from todi.services.config import JobSpec
+from todi.services.settings import ServiceSettings
+from todi.storage.schema import ARROW_SCHEMA, content_sample_id
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
@@ -566,7 +565,7 @@ def create_app(
             on_batch=metrics.on_batch,
         )
         state.batcher.start()
-        from services.jobs import JobManager
+        from todi.services.jobs import JobManager
 
         model_dir = getattr(engine, "model_dir", None)
         # Jobs share the engine through the batcher (never concurrently with requests);
@@ -750,8 +749,8 @@ def create_app(
         too. Re-submitting the same job (same out and parameters) returns its id and resumes
         it: only samples not yet in whole shards are computed.
         """
-        from services.datasets import DatasetError
-        from services.jobs import JobConflictError, JobLimitError, JobPathError
+        from todi.services.datasets import DatasetError
+        from todi.services.jobs import JobConflictError, JobLimitError, JobPathError
 
         if "temperature" not in spec.model_fields_set:
             spec = spec.model_copy(update={"temperature": state.backend.info.default_temperature})
@@ -802,7 +801,7 @@ def create_app(
 
 
 def _job_or_404(call: Callable[[str], Any], job_id: str) -> Any:
-    from services.jobs import JobNotFoundError
+    from todi.services.jobs import JobNotFoundError
 
     try:
         return call(job_id)

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from services.backends import TeacherBackend, TopK
+from todi.services.backends import TeacherBackend, TopK
 
 
 class ShuttingDown(RuntimeError):

@@ -25,7 +25,7 @@ def models_prepare(
     out: Path | None = typer.Option(None, "--out", help="Folder (default: the todi cache)."),
 ) -> None:
     """Convert an embedded teacher into a Hugging Face folder (idempotent); print the folder."""
-    from services.models import ModelError, prepare_model
+    from todi.services.models import ModelError, prepare_model
 
     with user_errors(ModelError, OSError):
         print(prepare_model(name, out))
@@ -38,8 +38,8 @@ def models_temper(
     out: Path | None = typer.Option(None, "--out", help="Folder (default: the todi cache)."),
 ) -> None:
     """Write a copy whose log-probs are log_softmax(logits / T) in any engine; print it."""
-    from services.models import ModelError
-    from services.tempering import temper_model_dir
+    from todi.services.models import ModelError
+    from todi.services.tempering import temper_model_dir
 
     with user_errors(ModelError, OSError):
         print(temper_model_dir(model, temperature, out))
@@ -95,12 +95,12 @@ def serve(
     """Serve the teacher over HTTP (FastAPI + uvicorn). API key: env TODI_API_KEY."""
     import uvicorn
     from pydantic import ValidationError
+    from todi.services.api import create_app
+    from todi.services.backends import BackendError, create_backend
+    from todi.services.config import validation_message
+    from todi.services.models import ModelError
+    from todi.services.settings import ServiceSettings
 
-    from services.api import create_app
-    from services.backends import BackendError, create_backend
-    from services.config import validation_message
-    from services.models import ModelError
-    from services.settings import ServiceSettings
     from todi.paths import todi_home
 
     options = _parse_options(option)
@@ -234,8 +234,7 @@ def _precompute_remote(
     server: str, body: dict[str, Any], *, detach: bool, poll: float, show: bool
 ) -> dict[str, Any] | None:
     import httpx
-
-    from services.settings import API_KEY_ENV
+    from todi.services.settings import API_KEY_ENV
 
     key = os.environ.get(API_KEY_ENV)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -282,14 +281,13 @@ def _precompute_local(
     body: dict[str, Any], backend: str, model: str, options: dict[str, Any], *, show: bool
 ) -> dict[str, Any]:
     from pydantic import ValidationError
-
-    from services.api import _progress_dict
-    from services.backends import BackendError, create_backend
-    from services.config import JobSpec, validation_message
-    from services.datasets import DatasetError
-    from services.jobs import run_precompute
-    from services.models import ModelError
-    from storage import ShardFormatError
+    from todi.services.api import _progress_dict
+    from todi.services.backends import BackendError, create_backend
+    from todi.services.config import JobSpec, validation_message
+    from todi.services.datasets import DatasetError
+    from todi.services.jobs import run_precompute
+    from todi.services.models import ModelError
+    from todi.storage import ShardFormatError
 
     try:
         spec = JobSpec.model_validate({k: v for k, v in body.items() if v is not None})
@@ -311,7 +309,7 @@ def _precompute_local(
 
         try:
             if engine is None:
-                from services.ray_precompute import run_ray_precompute
+                from todi.services.ray_precompute import run_ray_precompute
 
                 result["progress"] = run_ray_precompute(
                     spec,

@@ -50,8 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from storage import content_sample_id
+from todi.storage import content_sample_id
 
 # How many row numbers of each kind (empty, dropped) a report keeps.
 REPORT_ROWS = 10

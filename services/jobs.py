@@ -8,7 +8,7 @@
 2. a cheap first pass over the rows (tokenization only) gives the totals and catches bad
    rows and duplicate ids before the teacher runs;
 3. the second pass sends batches of at most `batch_tokens` tokens to `backend.topk`, keeps
-   rows first_position .. L-2 of each TopK (the stored positions, see `storage.schema`) and
+   rows first_position .. L-2 of each TopK (the stored positions, see `todi.storage.schema`) and
    writes through `storage.ShardSetWriter`, which commits a shard every
    `positions_per_shard` positions; the set is marked complete at the end.
 
@@ -33,10 +33,9 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
-
-from services.config import JobSpec
-from services.datasets import DatasetError, EncodedRow, EncodeStats, encode_rows, read_rows
-from storage import (
+from todi.services.config import JobSpec
+from todi.services.datasets import DatasetError, EncodedRow, EncodeStats, encode_rows, read_rows
+from todi.storage import (
     DEFAULT_CODEC,
     Sample,
     ShardFormatError,
@@ -777,7 +776,7 @@ class JobManager:
             confine(self.root, job.spec.out, "out")
             backend = self._get_backend()
             if job.spec.ray:
-                from services.ray_precompute import run_ray_precompute
+                from todi.services.ray_precompute import run_ray_precompute
 
                 kind, model, options = self._ray_backend(backend)
                 result = run_ray_precompute(
@@ -831,13 +830,13 @@ class JobManager:
 
 def read_dataset_format(path: str | os.PathLike[str]) -> str:
     """The dataset's format, or DatasetError if it is missing or not a dataset."""
-    from services.datasets import dataset_files
+    from todi.services.datasets import dataset_files
 
     return dataset_files(path)[0]
 
 
 # ----------------------------------------------------------------------------------------
-# `python -m services.jobs`: one job, in-process or through a JobManager (used by tests)
+# `python -m todi.services.jobs`: one job, in-process or through a JobManager (used by tests)
 # ----------------------------------------------------------------------------------------
 
 
@@ -845,7 +844,7 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m services.jobs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m todi.services.jobs", description=__doc__)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--top-k", type=int, required=True)
@@ -861,7 +860,7 @@ def _main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from services.backends import create_backend
+    from todi.services.backends import create_backend
 
     spec = JobSpec(
         dataset=args.dataset,

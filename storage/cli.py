@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
+from todi.storage.reader import open_shard_set, verify_shard_set
+from todi.storage.schema import ShardFormatError
 
-from storage.reader import open_shard_set, verify_shard_set
-from storage.schema import ShardFormatError
 from todi.cli_errors import fail, user_errors
 
 app = typer.Typer(help="Inspect and verify shard sets.", no_args_is_help=True)

@@ -28,8 +28,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from storage import _jit, rans
+from todi.storage import _jit, rans
 
 
 @dataclass

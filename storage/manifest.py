@@ -15,9 +15,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, ValidationError
-
-from storage import fs as sfs
-from storage.schema import FORMAT_VERSION, MANIFEST_NAME, ShardFormatError, ShardSetMetadata
+from todi.storage import fs as sfs
+from todi.storage.schema import FORMAT_VERSION, MANIFEST_NAME, ShardFormatError, ShardSetMetadata
 
 
 class ShardInfo(BaseModel):

@@ -6,7 +6,7 @@ A shard set is a directory holding Parquet files and `manifest.json`. One row pe
     input_ids       list<int32>   the whole token sequence, length L
     prompt_len      int32         tokens before the response (0 for plain text)
     ...             binary        the codec's columns: the top-k ids [P, k] and log-probs
-                                  [P, k], encoded (see `storage.codec`; the codec name is in
+                                  [P, k], encoded (see `todi.storage.codec`; the codec name is in
                                   the metadata)
 
 where the P = L - 1 - first_position stored positions are t = first_position .. L - 2,
@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
-
-from storage.codec import DEFAULT_CODEC
+from todi.storage.codec import DEFAULT_CODEC
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -138,7 +137,7 @@ def content_sample_id(input_ids: np.ndarray | list[int]) -> str:
 
 def shard_schema(codec_name: str) -> pa.Schema:
     """The physical Parquet schema of shards written with `codec_name`."""
-    from storage.codec import get_codec
+    from todi.storage.codec import get_codec
 
     return pa.schema([*BASE_FIELDS, *get_codec(codec_name).columns])
 

@@ -14,9 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from todi.storage import open_shard_set, verify_shard_set
 from typer.testing import CliRunner
-
-from storage import open_shard_set, verify_shard_set
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -680,16 +680,16 @@ _HTTP_METHODS = {"get", "post", "put", "delete", "patch", "head", "options", "ap
 
 @cache
 def api_routes() -> frozenset[str]:
-    """Paths the teacher's FastAPI app (`services.api`) serves: its module-level app / router
+    """Paths the teacher's FastAPI app (`todi.services.api`) serves: its module-level app / router
     objects, and the routes declared in the module (the app is built by a factory)."""
     paths: set[str] = set()
     api_file = ROOT / "services" / "api.py"
     if not api_file.is_file():
         pytest.fail("services/api.py (the teacher's FastAPI app) does not exist yet", pytrace=False)
     try:
-        module = importlib.import_module("services.api")
+        module = importlib.import_module("todi.services.api")
     except Exception as exc:
-        pytest.fail(f"services.api does not import: {exc!r}", pytrace=False)
+        pytest.fail(f"todi.services.api does not import: {exc!r}", pytrace=False)
     for value in vars(module).values():
         if isinstance(value, type):
             continue
@@ -859,7 +859,7 @@ def test_every_ray_command_and_option_exists_in_ray() -> None:
 
 
 def test_embedded_model_names_exist() -> None:
-    from services.models import EMBEDDED_MODELS
+    from todi.services.models import EMBEDDED_MODELS
 
     calls = todi_calls("models prepare")
     assert calls, "no `todi models prepare` in the stack"

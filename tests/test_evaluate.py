@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
-
-from services.models import tokenizer_fingerprint, weights_fingerprint
-from storage import (
+from todi.services.models import tokenizer_fingerprint, weights_fingerprint
+from todi.storage import (
     DEFAULT_CODEC,
     Sample,
     ShardSetMetadata,
@@ -22,8 +20,8 @@ from storage import (
     iter_batches,
     open_shard_set,
 )
-from trainer.eval_cli import register
-from trainer.evaluate import (
+from todi.trainer.eval_cli import register
+from todi.trainer.evaluate import (
     EvalError,
     encode_prompt,
     evaluate_batches,
@@ -32,6 +30,7 @@ from trainer.evaluate import (
     read_reference_rows,
     rouge_l_eval,
 )
+from typer.testing import CliRunner
 
 TOP_K = 16
 ROWS = [

@@ -1,4 +1,4 @@
-"""`todi train` (and, when present, `todi eval` from `trainer/eval_cli.py`)."""
+"""`todi train`."""
 
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ def train_command(
 ) -> None:
     """Train a student on a shard set with Ray Train (DDP), ToDi or another divergence."""
     overrides = {k: v for k, v in locals().items() if k != "config"}  # None = not given
-    from storage import ShardFormatError
-    from trainer.config import ConfigError, load_config
-    from trainer.data import DataError
-    from trainer.online import OnlineTeacherError
-    from trainer.student import StudentError
-    from trainer.train import TrainError, train
+    from todi.storage import ShardFormatError
+    from todi.trainer.config import ConfigError, load_config
+    from todi.trainer.data import DataError
+    from todi.trainer.online import OnlineTeacherError
+    from todi.trainer.student import StudentError
+    from todi.trainer.train import TrainError, train
 
     with user_errors(
         ConfigError, DataError, StudentError, TrainError, ShardFormatError, OnlineTeacherError
@@ -104,14 +104,5 @@ def train_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train` (and `eval`, when trainer/eval_cli.py exists) to the root app."""
+    """Add `train` to the root app (`eval` is `todi.trainer.eval_cli`)."""
     app.command("train")(train_command)
-    import importlib
-
-    try:
-        eval_cli = importlib.import_module("trainer.eval_cli")
-    except ModuleNotFoundError as exc:
-        if exc.name != "trainer.eval_cli":
-            raise
-        return
-    eval_cli.register(app)

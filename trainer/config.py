@@ -14,8 +14,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from trainer.losses import KINDS
+from todi.trainer.losses import KINDS
 
 
 class ConfigError(ValueError):
@@ -23,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class TrainConfig(BaseModel):
-    """Student training on a shard set (see `trainer.train.train`)."""
+    """Student training on a shard set (see `todi.trainer.train.train`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

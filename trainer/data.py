@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
-
-from storage import (
+from todi.storage import (
     IGNORE_INDEX,
     Batch,
     ShardFormatError,
@@ -41,10 +40,10 @@ from storage import (
     open_shard_set,
     verify_shard_set,
 )
-from storage.batches import plan_batches
+from todi.storage.batches import plan_batches
 
 if TYPE_CHECKING:
-    from trainer.student import StudentInfo
+    from todi.trainer.student import StudentInfo
 
 
 class DataError(ValueError):

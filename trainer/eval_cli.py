@@ -64,10 +64,9 @@ def eval_command(
 ) -> None:
     """Per-token FKL/RKL/ToDi, top-1 agreement and CE/perplexity on held-out shards; with
     --generate, ROUGE-L of sampled answers over several seeds. Prints a table; writes JSON."""
+    from todi.storage import ShardFormatError
+    from todi.trainer.evaluate import GenerateOptions, evaluate
     from transformers.utils import logging as hf_logging
-
-    from storage import ShardFormatError
-    from trainer.evaluate import GenerateOptions, evaluate
 
     gen = None
     if generate:
@@ -115,8 +114,7 @@ def eval_command(
 def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from trainer.evaluate import report_table
+    from todi.trainer.evaluate import report_table
 
     lines = report_table(report)
     table = Table(title=f"todi eval: {report['shards']}")

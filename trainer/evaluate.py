@@ -6,7 +6,7 @@ padding do not count). At each such position the teacher is known through its st
 (ids S, log-probs normalized over the full vocabulary at the set's temperature T) plus the
 tail bucket; the student through its logits z, at the same T:
 
-    fkl   = FKL  of the coarsened (k + 1)-outcome distributions   (trainer.losses)
+    fkl   = FKL  of the coarsened (k + 1)-outcome distributions   (todi.trainer.losses)
     rkl   = RKL  of the same
     todi  = ToDi of the same, with the given beta (alpha_v = sigmoid(beta * log p_v / q_v))
     top1_agreement = [argmax_v z_v == S_1]   (the teacher's rank-1 id; independent of T)
@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from storage import Batch, ShardSet, ShardSetMetadata, open_shard_set
-from trainer.losses import sparse_divergence
+from todi.storage import Batch, ShardSet, ShardSetMetadata, open_shard_set
+from todi.trainer.losses import sparse_divergence
 
 DIVERGENCE_KINDS = ("fkl", "rkl", "todi")
 DEFAULT_MAX_TOKENS = 2048
@@ -62,13 +61,13 @@ def load_model(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a student SPEC, in eval mode on `device`.
 
-    SPEC is whatever `trainer.student.load_student` accepts (an HF folder,
+    SPEC is whatever `todi.trainer.student.load_student` accepts (an HF folder,
     `init:teacher=DIR,layers=N`, `init:config=FILE`), or an embedded teacher name of
-    `services.models` (e.g. `smollm2-135m-instruct`). `dtype` ("float32", "bfloat16",
+    `todi.services.models` (e.g. `smollm2-135m-instruct`). `dtype` ("float32", "bfloat16",
     "float16") defaults to float32: exact, and the dtype the shard targets were computed in.
     """
-    from services.models import EMBEDDED_MODELS, prepare_model
-    from trainer.student import load_student
+    from todi.services.models import EMBEDDED_MODELS, prepare_model
+    from todi.trainer.student import load_student
 
     spec = str(spec)
     if spec in EMBEDDED_MODELS:
@@ -93,7 +92,7 @@ def check_compatible(metadata: ShardSetMetadata, model, tokenizer=None) -> int:
     """Refuse a model whose tokenizer or vocabulary differs from the shard set's.
 
     Returns the vocabulary limit V_lim: the student's softmax runs over head rows
-    [0, V_lim) (the trainer's rule, `trainer.data.check_pairing`, so evaluation sees the
+    [0, V_lim) (the trainer's rule, `todi.trainer.data.check_pairing`, so evaluation sees the
     distribution training optimized). With a tokenizer: its fingerprint must equal the set's
     tokenizer_sha256, and the head (V_s rows) and the set's vocab_size (V_t) may both exceed
     len(tokenizer) = V_tok (padded vocabularies such as 151936 vs 152064) but neither may be
@@ -107,9 +106,9 @@ def check_compatible(metadata: ShardSetMetadata, model, tokenizer=None) -> int:
                 "(pass the tokenizer to apply the padded-vocabulary rule)"
             )
         return v_s
-    from services.models import tokenizer_fingerprint
-    from trainer.data import DataError, check_pairing
-    from trainer.student import StudentInfo, StudentSpec, pad_token_id
+    from todi.services.models import tokenizer_fingerprint
+    from todi.trainer.data import DataError, check_pairing
+    from todi.trainer.student import StudentInfo, StudentSpec, pad_token_id
 
     info = StudentInfo(
         spec=StudentSpec("folder", Path("<in memory>")),
@@ -284,7 +283,7 @@ def _head_rows(batch: Batch, keep: int) -> Batch:
 
 def _linear_head(model) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:
     """(body, head weight, bias) when logits = body(x) @ W^T + b exactly, else None."""
-    from trainer.student import StudentError, body_and_head
+    from todi.trainer.student import StudentError, body_and_head
 
     config = model.config.get_text_config()
     for name in ("logit_scale", "logits_scaling"):  # heads that rescale after the matmul

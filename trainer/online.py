@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from storage import IGNORE_INDEX, Batch, Sample, ShardSetMetadata, decode_table, encode_table
+from todi.storage import IGNORE_INDEX, Batch, Sample, ShardSetMetadata, decode_table, encode_table
 
 
 class OnlineTeacherError(ValueError):
@@ -30,7 +29,7 @@ class OnlineTeacherError(ValueError):
 
 
 def _create_hf_backend(teacher_dir: str, **options):
-    from services.backends import create_backend
+    from todi.services.backends import create_backend
 
     return create_backend("hf", teacher_dir, **options)
 

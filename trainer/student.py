@@ -157,7 +157,7 @@ def load_tokenizer(spec: StudentSpec):
 
 def describe_student(spec: str | StudentSpec) -> StudentInfo:
     """Head size, tokenizer size and fingerprint, layer count: no weights are built."""
-    from services.models import tokenizer_fingerprint
+    from todi.services.models import tokenizer_fingerprint
 
     parsed = spec if isinstance(spec, StudentSpec) else parse_student_spec(spec)
     config = _load_config(parsed)

@@ -22,7 +22,7 @@ joins Ray, runs the `TorchTrainer`, streams per-step metrics from rank 0 through
 into `train_log.jsonl` and a tqdm bar, and exports the last checkpoint as `model/` (an HF
 folder) with `curves.png`.
 
-Workers (`_worker_loop`): data (see `trainer.data`), AdamW (weight decay on matrices only),
+Workers (`_worker_loop`): data (see `todi.trainer.data`), AdamW (weight decay on matrices only),
 cosine schedule with optional linear warm-up, grad-norm clipping, bf16 autocast, Ray Train
 checkpoints every N steps holding model, optimizer, scheduler, data position and RNG states.
 A restart (worker failure, `--resume`) loads the last checkpoint and skips the data stream
@@ -48,11 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from storage import IGNORE_INDEX, Batch, ShardSetMetadata
-from trainer.config import TrainConfig, trajectory_differences
-from trainer.data import (
+from todi.storage import IGNORE_INDEX, Batch, ShardSetMetadata
+from todi.trainer.config import TrainConfig, trajectory_differences
+from todi.trainer.data import (
     DataError,
     LoaderSettings,
     check_pairing,
@@ -64,8 +62,8 @@ from trainer.data import (
     padding_counts,
     raw_rows,
 )
-from trainer.objective import chunked_head_loss, distillation_loss, loss_denominator
-from trainer.student import (
+from todi.trainer.objective import chunked_head_loss, distillation_loss, loss_denominator
+from todi.trainer.student import (
     StudentError,
     body_and_head,
     build_student,
@@ -73,6 +71,7 @@ from trainer.student import (
     parse_student_spec,
     save_student,
 )
+from torch import nn
 
 RUN_NAME = "train"
 STATE_FILE = "trainer_state.pt"
@@ -98,7 +97,7 @@ class StudentObjective(nn.Module):
     The forward runs the base model (final norm included, no lm_head) to the last hidden
     state, keeps the response positions and hands them with the head weight to
     `chunked_head_loss`. The head is sliced to `vocab_limit` rows (the vocabulary rule in
-    `trainer.data.check_pairing`): padding rows are outside the softmax.
+    `todi.trainer.data.check_pairing`): padding rows are outside the softmax.
     """
 
     def __init__(
@@ -437,7 +436,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
 
     online = None
     if cfg.online_teacher:
-        from trainer.online import OnlineTeacher
+        from todi.trainer.online import OnlineTeacher
 
         online = OnlineTeacher(
             cfg.online_teacher,
@@ -850,7 +849,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        from trainer.data import build_dataset
+        from todi.trainer.data import build_dataset
 
         dataset = build_dataset(shard_set, seed=cfg.seed)
         with warnings.catch_warnings():  # Ray's own defaults trip its deprecation warning
@@ -921,7 +920,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     plot = None
     log_path = out / LOG_NAME
     if records:
-        from trainer.plots import plot_log
+        from todi.trainer.plots import plot_log
 
         plot = str(plot_log(log_path, out / PLOT_NAME, title=f"{cfg.loss} · {cfg.student}"))
     metrics = result.metrics or {}

@@ -32,8 +32,8 @@ class TeacherInfo:
     model: str  # model id (folder name or given name)
     backend: str  # "hf" | "vllm" | "remote"
     vocab_size: int  # size of the model's output head (logits dimension)
-    tokenizer_sha256: str  # services.models.tokenizer_fingerprint
-    weights_sha256: str  # services.models.weights_fingerprint, or "remote:<url>:<model>"
+    tokenizer_sha256: str  # todi.services.models.tokenizer_fingerprint
+    weights_sha256: str  # todi.services.models.weights_fingerprint, or "remote:<url>:<model>"
     max_top_k: int
     max_model_len: int  # longest sequence (tokens) topk() accepts
     logprobs_mode: str  # how the log-probs were made, e.g. "raw_logprobs", "log_softmax_fp32"

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
-from services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
+from todi.services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
 
 _DTYPES = {
     "float32": "float32",
