@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+
     from todi.services.answers import (
         chat_prompt_ids,
         chatterbot_prompts,
@@ -43,7 +45,6 @@ def _child(args: argparse.Namespace) -> dict:
         sample_answers,
     )
     from todi.services.models import resolve_model
-    from transformers import AutoTokenizer
 
     dtype = args.child.split("/")[0]
     model = resolve_model(args.model)

@@ -55,15 +55,16 @@ def corpus_text() -> str:
 
 def teacher_topk(sequences: int, seq_len: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens [S, L], ids [S, L-1, k], log-probs [S, L-1, k]) of the real teacher, cached."""
-    from todi.paths import todi_home
+    from todi.common.paths import todi_home
 
     cache = todi_home() / "bench" / f"storage-topk-s{sequences}-l{seq_len}-k{k}.npz"
     if cache.exists():
         z = np.load(cache)
         return z["tokens"], z["ids"], z["lps"]
     import torch
-    from todi.services.models import prepare_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from todi.services.models import prepare_model
 
     folder = prepare_model("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(folder)
@@ -105,6 +106,7 @@ def timed(fn, repeat: int = 1):
 
 def measure(codec: str, samples, vocab: int, k: int) -> dict:
     import pyarrow.parquet as pq
+
     from todi.storage import ShardSetMetadata, decode_table, get_codec
     from todi.storage.manifest import Manifest, ShardInfo
     from todi.storage.reader import ShardSet

@@ -100,6 +100,7 @@ def _child(args: argparse.Namespace) -> dict:
 
     if kind == "hf":
         import torch
+
         from todi.services.backends.hf import pack_by_budget
 
         budget = backend.token_budget

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k
 
 def _raw(shards: Path):
     import pyarrow.parquet as pq
+
     from todi.storage import open_shard_set
     from todi.trainer.data import raw_rows
 
@@ -109,6 +111,7 @@ def padding_waste(args) -> dict:
 
 def run_mode(args, mode: str) -> dict:
     """Train `args.steps` (+1 warm-up) steps in `mode` (offline|online) and time them."""
+    from todi.services.backends import create_backend
     from todi.trainer.config import TrainConfig
     from todi.trainer.data import LoaderSettings, decode_rows, epoch_batches
     from todi.trainer.online import OnlineTeacher
@@ -137,7 +140,11 @@ def run_mode(args, mode: str) -> dict:
     cfg = TrainConfig(shards="-", student="-", out="-", lr=1e-5)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, warmup=0, total=args.steps + 1)
-    teacher = OnlineTeacher(args.teacher, meta, device="cpu") if mode == "online" else None
+    teacher = (
+        OnlineTeacher(args.teacher, meta, device="cpu", engine=partial(create_backend, "hf"))
+        if mode == "online"
+        else None
+    )
     load_s = step_s = teacher_s = step_cpu = 0.0
     tokens = 0
     for i, plan in enumerate(plans):

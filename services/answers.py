@@ -91,8 +91,9 @@ def generation_engine(
 ) -> Iterator[Any]:
     """A vLLM engine for sampling answers (`dtype` None: the backend's default for the
     platform), shut down on exit."""
-    from todi.services.backends.vllm import cpu_engine_env, default_dtype, on_cpu
     from vllm import LLM
+
+    from todi.services.backends.vllm import cpu_engine_env, default_dtype, on_cpu
 
     with cpu_engine_env():
         llm = LLM(

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from todi.common.errors import TodiError
 from todi.services.backends import TeacherBackend, TopK
 
 
-class ShuttingDown(RuntimeError):
+class ShuttingDown(TodiError, RuntimeError):
     """The batcher is stopping: the request was not (and will not be) run."""
 
 

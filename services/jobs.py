@@ -33,10 +33,13 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
+
+from todi.common.errors import TodiError
 from todi.services.config import JobSpec
 from todi.services.datasets import DatasetError, EncodedRow, EncodeStats, encode_rows, read_rows
 from todi.storage import (
     DEFAULT_CODEC,
+    NoManifestError,
     Sample,
     ShardFormatError,
     ShardSetMetadata,
@@ -54,7 +57,7 @@ JOBS_DIR = ".todi-jobs"
 LOCK_NAME = ".todi-job.lock"
 
 
-class JobError(ValueError):
+class JobError(TodiError, ValueError):
     """A job that cannot run as asked (conflicting output, bad backend output)."""
 
 
@@ -70,7 +73,7 @@ class JobConflictError(JobError):
     """Another job (or a set written by one) with different parameters owns this output."""
 
 
-class JobNotFoundError(KeyError):
+class JobNotFoundError(TodiError, KeyError):
     """No job with this id."""
 
     def __str__(self) -> str:
@@ -167,15 +170,14 @@ def existing_sample_ids(spec: JobSpec, metadata: ShardSetMetadata) -> set[str]:
         return set()
     try:
         shard_set = open_shard_set(spec.out)
-    except ShardFormatError as exc:
-        if "no manifest" in str(exc):
-            return set()
-        raise
+    except NoManifestError:
+        return set()
     diffs = shard_set.signature.signature_differences(metadata)
     if diffs:
         raise JobConflictError(
             f"{spec.out}: holds a shard set written with another teacher signature "
-            f"(existing != this job): {'; '.join(diffs)}; choose another output"
+            f"(existing != this job): {'; '.join(diffs)}; choose another output",
+            field="out",
         )
     recorded = shard_set.manifest.job or {}
     diffs = spec.identity_differences(recorded)
@@ -183,7 +185,8 @@ def existing_sample_ids(spec: JobSpec, metadata: ShardSetMetadata) -> set[str]:
         raise JobConflictError(
             f"{spec.out}: holds a shard set written by a different job (existing != this "
             f"job): {'; '.join(diffs)}; resume it with the same parameters or choose another "
-            f"output"
+            f"output",
+            field="out",
         )
     return shard_set.sample_ids()
 
@@ -292,7 +295,8 @@ def output_lock(out: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise JobConflictError(
-                f"out: {out} is being written by another running job (lock {LOCK_NAME})"
+                f"out: {out} is being written by another running job (lock {LOCK_NAME})",
+                field="out",
             ) from None
         yield
     finally:
@@ -423,12 +427,15 @@ def confine(root: str | os.PathLike[str], path: str, what: str = "out") -> Path:
     real_root = Path(os.path.realpath(root))
     text = str(path)
     if "://" in text:
-        raise JobPathError(f"{what}: {text!r} must be a path under the storage root, not a URI")
+        raise JobPathError(
+            f"{what}: {text!r} must be a path under the storage root, not a URI",
+            field=what,
+        )
     if "\x00" in text:
-        raise JobPathError(f"{what}: path contains a NUL byte")
+        raise JobPathError(f"{what}: path contains a NUL byte", field=what)
     p = Path(text)
     if ".." in p.parts:
-        raise JobPathError(f"{what}: {text!r} must not contain '..'")
+        raise JobPathError(f"{what}: {text!r} must not contain '..'", field=what)
     candidate = p if p.is_absolute() else Path(root) / p
     # realpath resolves every existing component (symlinks included); the rest stays as is.
     resolved = Path(os.path.realpath(candidate))
@@ -436,12 +443,19 @@ def confine(root: str | os.PathLike[str], path: str, what: str = "out") -> Path:
         rel = resolved.relative_to(real_root)
     except ValueError:
         raise JobPathError(
-            f"{what}: {text!r} resolves to {resolved}, outside the storage root {real_root}"
+            f"{what}: {text!r} resolves to {resolved}, outside the storage root {real_root}",
+            field=what,
         ) from None
     if not rel.parts:
-        raise JobPathError(f"{what}: {text!r} is the storage root itself; name a folder in it")
+        raise JobPathError(
+            f"{what}: {text!r} is the storage root itself; name a folder in it",
+            field=what,
+        )
     if rel.parts[0] == JOBS_DIR:
-        raise JobPathError(f"{what}: {text!r} is inside the job records folder {JOBS_DIR}")
+        raise JobPathError(
+            f"{what}: {text!r} is inside the job records folder {JOBS_DIR}",
+            field=what,
+        )
     return resolved
 
 
@@ -587,7 +601,8 @@ class JobManager:
                 if diffs and job.progress.active:
                     raise JobConflictError(
                         f"out: job {job.progress.job_id} is writing {spec.out} with other "
-                        f"parameters ({'; '.join(diffs)})"
+                        f"parameters ({'; '.join(diffs)})",
+                        field="out",
                     )
                 if not diffs and (spec.job_id in (None, job.progress.job_id)):
                     if not job.progress.active:
@@ -597,7 +612,8 @@ class JobManager:
             if spec.job_id is not None and spec.job_id in self._jobs:
                 raise JobConflictError(
                     f"job_id: {spec.job_id!r} already names a job writing "
-                    f"{self._jobs[spec.job_id].spec.out}"
+                    f"{self._jobs[spec.job_id].spec.out}",
+                    field="job_id",
                 )
             self._check_manifest(spec)
             self._check_limit()
@@ -682,7 +698,7 @@ class JobManager:
         if self.dataset_root is not None:
             return confine(self.dataset_root, dataset, "dataset")
         if "://" in dataset:
-            raise JobPathError(f"dataset: {dataset!r} must be a local path")
+            raise JobPathError(f"dataset: {dataset!r} must be a local path", field="dataset")
         p = Path(dataset)
         return p if p.is_absolute() else self.root / p
 
@@ -706,7 +722,8 @@ class JobManager:
         if diffs:
             raise JobConflictError(
                 f"out: {spec.out} holds a shard set written by a different job (existing != "
-                f"new): {'; '.join(diffs)}"
+                f"new): {'; '.join(diffs)}",
+                field="out",
             )
 
     def _restart(self, job: _Job, spec: JobSpec) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from todi.services.config import JobSpec
 from todi.services.datasets import EncodeStats
 from todi.services.jobs import (
@@ -95,6 +96,7 @@ class TeacherActor:
 
     def _one(self, path: str) -> tuple[ShardInfo, int, int]:
         import pyarrow.parquet as pq
+
         from todi.services.datasets import EncodedRow
 
         table = pq.read_table(path)

@@ -36,9 +36,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from todi.services.models import ModelError, resolve_model, weights_fingerprint
-
-from todi.paths import publish_dir, todi_home
+from todi.common.errors import TodiError
+from todi.common.paths import publish_dir, todi_home
+from todi.services.models import ModelError, resolve_model
+from todi.storage.fingerprints import weights_fingerprint
 
 MARKER = "todi_tempered.json"
 
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(temper_model_dir(args.model, args.temperature, args.out))
-    except ModelError as exc:
+    except TodiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
+
 from todi.storage.schema import Sample
 
 IGNORE_INDEX = -100

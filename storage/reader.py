@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
 from todi.storage import fs as sfs
 from todi.storage.codec import CodecError, RowBlock, get_codec
 from todi.storage.manifest import Manifest, ShardInfo, read_manifest

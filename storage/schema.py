@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+
+from todi.common.errors import TodiError
 from todi.storage.codec import DEFAULT_CODEC
 
 FORMAT_VERSION = 1
@@ -60,8 +62,12 @@ SIGNATURE_FIELDS = (
 )
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(TodiError, ValueError):
     """A shard set that cannot be read or written as asked; the message names file and problem."""
+
+
+class NoManifestError(ShardFormatError):
+    """The folder holds no manifest: not a shard set, or nothing committed yet."""
 
 
 class ShardSetMetadata(BaseModel):
@@ -99,6 +105,15 @@ class ShardSetMetadata(BaseModel):
             return cls.model_validate_json(meta[FOOTER_KEY])
         except ValueError as exc:
             raise ShardFormatError(f"{where}: bad footer metadata: {exc}") from None
+
+
+@dataclass
+class TopK:
+    """Top-k teacher predictions for one sequence of length L: what a teacher engine returns and
+    the rows a `Sample` stores (those from its first stored position on)."""
+
+    ids: np.ndarray  # int32 [L-1, k], ranks 1..k by descending log-prob; row t predicts t+1
+    logprobs: np.ndarray  # float32 [L-1, k], normalized over the full vocabulary at T
 
 
 @dataclass

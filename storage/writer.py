@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
 from todi.storage import fs as sfs
 from todi.storage.codec import RowBlock, get_codec
 from todi.storage.manifest import Manifest, ShardInfo, manifest_lock, read_manifest, write_manifest

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from todi.services.backends import BackendError, TopK, create_backend
 from todi.services.backends.hf import pack_by_budget
 from todi.services.backends.remote import vllm_serve_command
@@ -184,7 +185,7 @@ def test_hf_equals_independent_transformers(hf, reference, sequences, temperatur
 
 
 def test_hf_info_and_batching(hf, teacher_dir, sequences):
-    from todi.services.models import tokenizer_fingerprint, weights_fingerprint
+    from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
     info = hf.info
     assert (info.backend, info.vocab_size, info.max_model_len) == ("hf", 49152, MAX_LEN)
@@ -412,6 +413,7 @@ def test_service_defaults_to_the_engines_one_temperature(vllm_t2, sequences, tmp
     """A T = 2 vLLM engine behind the real app: a request or job that names no temperature
     gets 2 (not 1.0, which this engine cannot serve); naming another one is a 422."""
     from fastapi.testclient import TestClient
+
     from todi.services.api import create_app
     from todi.services.settings import ServiceSettings
 

@@ -14,8 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from todi.storage import open_shard_set, verify_shard_set
 from typer.testing import CliRunner
+
+from todi.storage import open_shard_set, verify_shard_set
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from todi.services.config import JobSpec
 from todi.services.datasets import (
     DatasetError,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import typer
-from todi.services.models import tokenizer_fingerprint, weights_fingerprint
+from typer.testing import CliRunner
+
 from todi.storage import (
     DEFAULT_CODEC,
     Sample,
@@ -20,6 +21,7 @@ from todi.storage import (
     iter_batches,
     open_shard_set,
 )
+from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 from todi.trainer.eval_cli import register
 from todi.trainer.evaluate import (
     EvalError,
@@ -30,7 +32,6 @@ from todi.trainer.evaluate import (
     read_reference_rows,
     rouge_l_eval,
 )
-from typer.testing import CliRunner
 
 TOP_K = 16
 ROWS = [

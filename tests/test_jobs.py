@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from todi.services.config import JobSpec
 from todi.services.jobs import (
     JobConflictError,

@@ -60,3 +60,54 @@ def test_wheel_maps_every_package_under_todi() -> None:
         if folder != name:
             assert dirs[name] == folder
     assert set(tool["packages"]) == expected
+
+
+# The house map: which package may import which (besides itself and third-party code).
+#   todi.common                 imports nothing of the project (the ground floor)
+#   todi.storage                todi.common
+#   todi.services, todi.trainer todi.storage, todi.common (never each other)
+#   todi.cli, todi.demo         everything (the roof: entry points that wire the layers)
+ALLOWED = {
+    "todi.common": {"todi.common"},
+    "todi.storage": {"todi.common", "todi.storage"},
+    "todi.services": {"todi.common", "todi.storage", "todi.services"},
+    "todi.trainer": {"todi.common", "todi.storage", "todi.trainer"},
+}
+
+
+def _layer(module: str) -> str | None:
+    """The layer a `todi.` module belongs to (todi.cli and todi.demo: the roof, None)."""
+    parts = module.split(".")
+    if parts[0] != "todi" or len(parts) < 2:
+        return None
+    name = ".".join(parts[:2])
+    return name if name in ALLOWED else None
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    name = ".".join((PACKAGES[rel[0]], *rel[1:]))
+    return name.removesuffix(".__init__")
+
+
+def test_layers_import_only_what_is_below_them() -> None:
+    bad = []
+    for path in _python_files(*PACKAGES):
+        layer = _layer(_module_of(path))
+        if layer is None:
+            continue
+        for line, name in _imports(path):
+            target = _layer(name) or (name if name.split(".")[0] == "todi" else None)
+            if target is not None and target not in ALLOWED[layer]:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {layer} imports {name}")
+    assert not bad, "forbidden imports (see the map in README's developer section):\n" + "\n".join(
+        bad
+    )
+
+
+def test_the_layer_check_catches_a_forbidden_import(tmp_path: Path) -> None:
+    """The checker itself: a trainer module importing the service is found."""
+    bad = tmp_path / "x.py"
+    bad.write_text("from todi.services.models import prepare_model\nimport todi.trainer.data\n")
+    found = [name for _, name in _imports(bad) if _layer(name) not in ALLOWED["todi.trainer"]]
+    assert found == ["todi.services.models"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from todi.trainer.losses import (
     KINDS,
     TEACHER_TAIL_FLOOR,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+
 from todi.trainer.losses import KINDS
 from todi.trainer.objective import (
     IGNORE_INDEX,

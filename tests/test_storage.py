@@ -24,6 +24,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from todi.cli import app
 from todi.storage import (
     DEFAULT_CODEC,
     IGNORE_INDEX,
@@ -47,9 +50,6 @@ from todi.storage import (
 from todi.storage.codec import RowBlock
 from todi.storage.manifest import ShardInfo
 from todi.storage.schema import FOOTER_KEY, MANIFEST_NAME
-from typer.testing import CliRunner
-
-from todi.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 1000

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from todi.storage import rans
 from todi.storage.codec import (
     LOGPROB_FLOOR,

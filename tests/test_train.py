@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from todi.services.jobs import teacher_shard_metadata
 from todi.storage import (
     DEFAULT_CODEC,
@@ -271,6 +272,7 @@ def test_epoch_order_is_a_pure_function_of_seed_epoch_rank():
 
 def test_student_from_teacher_layers(teacher_dir, tmp_path):
     from safetensors import safe_open
+
     from todi.trainer.student import build_student, layer_indices, save_student
 
     assert layer_indices(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]

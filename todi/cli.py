@@ -6,10 +6,14 @@ silently absent command.
 
 from __future__ import annotations
 
+from functools import partial
+
 import typer
 
 from todi import demo
 from todi.services import cli as services_cli
+from todi.services.backends import create_backend
+from todi.services.models import embedded_model_path
 from todi.storage import cli as storage_cli
 from todi.trainer import cli as trainer_cli
 from todi.trainer import eval_cli
@@ -23,8 +27,9 @@ app = typer.Typer(
 
 storage_cli.register(app)  # shards verify | inspect ...
 services_cli.register(app)  # models, serve, precompute
-trainer_cli.register(app)  # train
-eval_cli.register(app)  # eval
+# The trainer never imports the teacher service: the root wires the service's pieces in.
+trainer_cli.register(app, teacher_engine=partial(create_backend, "hf"))  # train
+eval_cli.register(app, resolve_model=embedded_model_path)  # eval
 demo.register(app)  # demo
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from pathlib import Path
 import typer
 from pydantic import BaseModel
 
-from todi.cli_errors import UserError, fail
-from todi.paths import todi_home
+from todi.common.cli import UserError, fail
+from todi.common.paths import todi_home
 
 
 class DemoConfig(BaseModel):

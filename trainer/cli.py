@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from todi.cli_errors import user_errors
+from todi.common.cli import user_errors
 
 
 def train_command(
@@ -81,18 +83,12 @@ def train_command(
 ) -> None:
     """Train a student on a shard set with Ray Train (DDP), ToDi or another divergence."""
     overrides = {k: v for k, v in locals().items() if k != "config"}  # None = not given
-    from todi.storage import ShardFormatError
-    from todi.trainer.config import ConfigError, load_config
-    from todi.trainer.data import DataError
-    from todi.trainer.online import OnlineTeacherError
-    from todi.trainer.student import StudentError
-    from todi.trainer.train import TrainError, train
+    from todi.trainer.config import load_config
+    from todi.trainer.train import train
 
-    with user_errors(
-        ConfigError, DataError, StudentError, TrainError, ShardFormatError, OnlineTeacherError
-    ):
+    with user_errors():  # every TodiError (config, data, student, train, shards, teacher)
         cfg = load_config(config, overrides)
-        summary = train(cfg)
+        summary = train(cfg, teacher_engine=_teacher_engine)
     typer.echo(json.dumps(summary.to_dict()))
     typer.echo(
         f"model   {summary.model_dir}\nlog     {summary.log}\nplot    {summary.plot}\n"
@@ -103,6 +99,13 @@ def train_command(
     )
 
 
-def register(app: typer.Typer) -> None:
+# Starts `--online-teacher` engines in the workers; set by whoever registers the command (the
+# root CLI passes the teacher service's hf backend), so this package stays below the service.
+_teacher_engine: Callable[..., Any] | None = None
+
+
+def register(app: typer.Typer, *, teacher_engine: Callable[..., Any] | None = None) -> None:
     """Add `train` to the root app (`eval` is `todi.trainer.eval_cli`)."""
+    global _teacher_engine
+    _teacher_engine = teacher_engine
     app.command("train")(train_command)

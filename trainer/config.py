@@ -14,10 +14,12 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from todi.common.errors import TodiError
 from todi.trainer.losses import KINDS
 
 
-class ConfigError(ValueError):
+class ConfigError(TodiError, ValueError):
     """A configuration that cannot be used; the message names the field and the problem."""
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
+
+from todi.common.errors import TodiError
 from todi.storage import (
     IGNORE_INDEX,
     Batch,
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from todi.trainer.student import StudentInfo
 
 
-class DataError(ValueError):
+class DataError(TodiError, ValueError):
     """A shard set that cannot be trained on as asked; the message names both sides."""
 
 

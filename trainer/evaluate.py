@@ -34,12 +34,14 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from todi.common.errors import TodiError
 from todi.storage import Batch, ShardSet, ShardSetMetadata, open_shard_set
 from todi.trainer.losses import sparse_divergence
 
@@ -48,7 +50,7 @@ DEFAULT_MAX_TOKENS = 2048
 DEFAULT_CHUNK_SIZE = 512
 
 
-class EvalError(ValueError):
+class EvalError(TodiError, ValueError):
     """An evaluation that cannot run as asked (mismatched student, bad prompt file...)."""
 
 
@@ -57,21 +59,25 @@ class EvalError(ValueError):
 
 
 def load_model(
-    spec: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None
+    spec: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    resolve: Callable[[str], str] | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a student SPEC, in eval mode on `device`.
 
     SPEC is whatever `todi.trainer.student.load_student` accepts (an HF folder,
-    `init:teacher=DIR,layers=N`, `init:config=FILE`), or an embedded teacher name of
-    `todi.services.models` (e.g. `smollm2-135m-instruct`). `dtype` ("float32", "bfloat16",
-    "float16") defaults to float32: exact, and the dtype the shard targets were computed in.
+    `init:teacher=DIR,layers=N`, `init:config=FILE`); `resolve` first maps other names to one
+    (`todi eval` passes the teacher service's embedded model names, e.g.
+    `smollm2-135m-instruct`). `dtype` ("float32", "bfloat16", "float16") defaults to float32:
+    exact, and the dtype the shard targets were computed in.
     """
-    from todi.services.models import EMBEDDED_MODELS, prepare_model
     from todi.trainer.student import load_student
 
     spec = str(spec)
-    if spec in EMBEDDED_MODELS:
-        spec = str(prepare_model(spec))
+    if resolve is not None:
+        spec = resolve(spec)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dtype or "float32"
@@ -106,7 +112,7 @@ def check_compatible(metadata: ShardSetMetadata, model, tokenizer=None) -> int:
                 "(pass the tokenizer to apply the padded-vocabulary rule)"
             )
         return v_s
-    from todi.services.models import tokenizer_fingerprint
+    from todi.storage.fingerprints import tokenizer_fingerprint
     from todi.trainer.data import DataError, check_pairing
     from todi.trainer.student import StudentInfo, StudentSpec, pad_token_id
 
@@ -575,6 +581,7 @@ def evaluate(
     generate: GenerateOptions | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    resolve_model: Callable[[str], str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate each named model SPEC (e.g. {"student": SPEC, "teacher": DIR}) on a shard set.
@@ -593,7 +600,7 @@ def evaluate(
     )
     loaded = {}
     for name, spec in models.items():
-        model, tokenizer = load_model(spec, device=device, dtype=dtype)
+        model, tokenizer = load_model(spec, device=device, dtype=dtype, resolve=resolve_model)
         check_compatible(shard_set.signature, model, tokenizer)
         loaded[name] = (spec, model, tokenizer)
     report: dict[str, Any] = {

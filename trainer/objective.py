@@ -18,6 +18,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
 from todi.trainer.losses import (
     DEFAULT_CHUNK_SIZE,
     _assemble_grad,
@@ -30,8 +33,6 @@ from todi.trainer.losses import (
     check_kind,
     reference_sparse_divergence,
 )
-from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 """Label of positions that do not count (prompt, padding), as in torch's cross_entropy."""

@@ -48,6 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from todi.common.errors import TodiError, first_line
 from todi.storage import IGNORE_INDEX, Batch, ShardSetMetadata
 from todi.trainer.config import TrainConfig, trajectory_differences
 from todi.trainer.data import (
@@ -63,6 +66,7 @@ from todi.trainer.data import (
     raw_rows,
 )
 from todi.trainer.objective import chunked_head_loss, distillation_loss, loss_denominator
+from todi.trainer.online import TeacherFactory
 from todi.trainer.student import (
     StudentError,
     body_and_head,
@@ -71,7 +75,6 @@ from todi.trainer.student import (
     parse_student_spec,
     save_student,
 )
-from torch import nn
 
 RUN_NAME = "train"
 STATE_FILE = "trainer_state.pt"
@@ -83,7 +86,7 @@ FAULT_ENV = "TODI_TRAIN_FAULT"
 after optimizer step STEP, once (MARKER, a file path, records that it happened)."""
 
 
-class TrainError(RuntimeError):
+class TrainError(TodiError, RuntimeError):
     """A training run that could not start or finish; the message says why."""
 
 
@@ -444,6 +447,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
             quantize=cfg.online_quantize,
             device=str(device),
             vocab_limit=lc["vocab_limit"],
+            engine=lc["teacher_engine"],
         )
 
     settings = LoaderSettings(
@@ -737,12 +741,20 @@ def _use_gpu(cfg: TrainConfig) -> bool:
 
 
 def _root_error(exc: BaseException) -> str:
-    """The first line of the innermost worker error, for a one-line CLI message."""
-    text = str(exc)
-    for marker in ("DataError: ", "TrainError: ", "StudentError: ", "OnlineTeacherError: "):
-        if marker in text:
-            return text.rsplit(marker, 1)[1].splitlines()[0]
-    lines = [x for x in text.splitlines() if x.strip()]
+    """The first line of the worker's own error, for a one-line CLI message.
+
+    Ray reports worker failures as `worker_failures` (rank -> exception); a task error wraps
+    the original exception as `.cause`. The first TodiError found (bad data, student, ...) is
+    the message; anything else is reported by the last line of Ray's text.
+    """
+    pending: list[BaseException] = [exc, *getattr(exc, "worker_failures", {}).values()]
+    while pending:
+        err = pending.pop(0)
+        if isinstance(err, TodiError) and not hasattr(err, "worker_failures"):
+            cause = getattr(err, "cause", None)  # a RayTaskError posing as its cause's type
+            return first_line(cause if isinstance(cause, TodiError) else err)
+        pending += [e for e in (getattr(err, "cause", None), err.__cause__) if e is not None]
+    lines = [x for x in str(exc).splitlines() if x.strip()]
     return lines[-1] if lines else type(exc).__name__
 
 
@@ -776,8 +788,12 @@ def prepare_run(cfg: TrainConfig):
     return shard_set, pairing, student
 
 
-def train(cfg: TrainConfig) -> TrainSummary:
-    """Run (or resume) a training job; see the module docstring."""
+def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> TrainSummary:
+    """Run (or resume) a training job; see the module docstring.
+
+    `teacher_engine` starts the `--online-teacher` (e.g. the teacher service's hf backend
+    factory; `todi train` passes it): this package never imports the teacher service.
+    """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -786,6 +802,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     t0 = time.perf_counter()
     cfg = cfg.model_copy(update={"shards": _absolute_local(cfg.shards)})
     if cfg.online_teacher:
+        if teacher_engine is None:
+            raise TrainError("online_teacher: needs a teacher engine (train(cfg, teacher_engine=))")
         cfg = cfg.model_copy(update={"online_teacher": _absolute_local(cfg.online_teacher)})
     shard_set, pairing, student = prepare_run(cfg)
 
@@ -867,6 +885,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "pad_id": student.pad_id,
             "total_steps": total,
             "queue": queue,
+            "teacher_engine": teacher_engine,
         }
         trainer = TorchTrainer(
             _worker_loop,

@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from todi.common.errors import TodiError
 from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
-from todi.services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+from todi.services.models import resolve_model
+from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 _NEG_INF_SENTINEL = -9999.0  # vLLM's JSON stand-in for -inf (kept: a zero probability)
 
@@ -65,7 +68,7 @@ def vllm_serve_command(
     return head + args + ["--logprobs-mode", "raw_logprobs", *(extra or [])]
 
 
-class RemoteError(RuntimeError):
+class RemoteError(TodiError, RuntimeError):
     """The server failed (not a bad request): unreachable, 5xx, or a malformed answer."""
 
 

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
-from todi.services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+from todi.services.models import resolve_model
+from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 
 @contextlib.contextmanager
