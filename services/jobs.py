@@ -48,6 +48,7 @@ from todi.storage import (
     first_position,
     open_shard_set,
 )
+from todi.storage.fs import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def _normalized(spec: JobSpec) -> JobSpec:
     update = {
         name: str(Path(value).absolute())
         for name, value in (("dataset", spec.dataset), ("out", spec.out))
-        if "://" not in value
+        if not is_uri(value)
     }
     return spec.model_copy(update=update)
 
@@ -166,7 +167,7 @@ def effective_max_len(spec: JobSpec, info: Any) -> int:
 def existing_sample_ids(spec: JobSpec, metadata: ShardSetMetadata) -> set[str]:
     """Ids in the whole shards of the set at `spec.out` (empty if none), after checking that
     the set was written by the same kind of job (same signature and job identity)."""
-    if not (Path(spec.out) / "manifest.json").exists() and "://" not in spec.out:
+    if not (Path(spec.out) / "manifest.json").exists() and not is_uri(spec.out):
         return set()
     try:
         shard_set = open_shard_set(spec.out)
@@ -283,7 +284,7 @@ def output_lock(out: str) -> Iterator[None]:
     manifest and commit it twice; the lock makes the second one fail fast instead. It is a
     flock, so the kernel drops it when the holder dies (kill -9 included).
     """
-    if "://" in out:
+    if is_uri(out):
         yield  # object stores: the caller (one driver) is the only writer
         return
     import fcntl
@@ -426,7 +427,7 @@ def confine(root: str | os.PathLike[str], path: str, what: str = "out") -> Path:
     """
     real_root = Path(os.path.realpath(root))
     text = str(path)
-    if "://" in text:
+    if is_uri(text):
         raise JobPathError(
             f"{what}: {text!r} must be a path under the storage root, not a URI",
             field=what,
@@ -697,7 +698,7 @@ class JobManager:
     def _dataset_path(self, dataset: str) -> Path:
         if self.dataset_root is not None:
             return confine(self.dataset_root, dataset, "dataset")
-        if "://" in dataset:
+        if is_uri(dataset):
             raise JobPathError(f"dataset: {dataset!r} must be a local path", field="dataset")
         p = Path(dataset)
         return p if p.is_absolute() else self.root / p

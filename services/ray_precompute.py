@@ -51,6 +51,7 @@ from todi.services.jobs import (
     to_samples,
 )
 from todi.storage import ShardInfo, ShardSetMetadata, commit_shards, expected_positions, write_shard
+from todi.storage.fs import is_uri
 
 STAGING_PREFIX = ".staging-"
 _STAGING_FILE_ROWS = 16_384
@@ -238,7 +239,7 @@ def run_ray_precompute(
     """
     import ray
 
-    if "://" in spec.out:
+    if is_uri(spec.out):
         raise JobError("out: --ray jobs write to a shared filesystem path, not a URI")
     spec = _normalized(spec)
     spec = spec.model_copy(update={"out": str(Path(spec.out).absolute())})

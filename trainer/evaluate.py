@@ -47,7 +47,9 @@ from todi.trainer.losses import sparse_divergence
 
 DIVERGENCE_KINDS = ("fkl", "rkl", "todi")
 DEFAULT_MAX_TOKENS = 2048
-DEFAULT_CHUNK_SIZE = 512
+# Positions per head chunk here: half the training default (losses.DEFAULT_CHUNK_SIZE, 1024),
+# since evaluation holds the [chunk, V] buffers of three divergences at once.
+EVAL_CHUNK_SIZE = 512
 
 
 class EvalError(TodiError, ValueError):
@@ -181,7 +183,7 @@ def evaluate_shards(
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     max_samples: int | None = None,
     tokenizer=None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = EVAL_CHUNK_SIZE,
     full_logits: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -221,7 +223,7 @@ def evaluate_batches(
     beta: float = 1.0,
     max_samples: int | None = None,
     tokenizer=None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = EVAL_CHUNK_SIZE,
     full_logits: bool = False,
     progress: bool = False,
     total: int | None = None,
@@ -244,7 +246,7 @@ def evaluate_batches(
                 if max_samples is not None and sums.samples >= max_samples:
                     break
                 if max_samples is not None and sums.samples + len(batch.sample_ids) > max_samples:
-                    batch = _head_rows(batch, max_samples - sums.samples)
+                    batch = _first_samples(batch, max_samples - sums.samples)
                 _batch_stats(model, head, batch, sums, v_lim, device, beta, temperature, chunk_size)
                 sums.samples += len(batch.sample_ids)
                 if bar is not None:
@@ -276,7 +278,7 @@ def evaluate_batches(
     }
 
 
-def _head_rows(batch: Batch, keep: int) -> Batch:
+def _first_samples(batch: Batch, keep: int) -> Batch:
     return Batch(
         batch.input_ids[:keep],
         batch.attention_mask[:keep],

@@ -1,6 +1,6 @@
 """Student training on a shard set with Ray Train (`TorchTrainer`, DDP).
 
-The objective of one optimizer step (method.md, section 1):
+The objective of one optimizer step (docs/method.md, "The objective"):
 
     loss = ((1 - w) * sum_n CE_n + w * sum_n D(p_n || q_n)) / N_global
 
@@ -13,8 +13,9 @@ workers, so the result is exactly the gradient of the global mean (`loss_denomin
 
 The student's [positions, vocab] logits never exist at once: the base model runs to the
 last hidden state (no lm_head), the response positions are gathered, and
-`chunked_head_loss` computes logits chunk by chunk from the head weight (recomputing them
-in backward).
+`chunked_head_loss` computes logits chunk by chunk from the head weight. Training passes the
+step's kd_weight, so the fused path runs: forward also makes each chunk's gradients (as Liger's
+fused linear cross-entropy does) and backward only scales them; nothing is recomputed.
 
 Driver (`train`): checks the shard set and the student (tokenizer, vocabulary, temperature)
 before anything starts, materializes an `init:` student once as an HF folder, starts or
@@ -52,6 +53,7 @@ from torch import nn
 
 from todi.common.errors import TodiError, first_line
 from todi.storage import IGNORE_INDEX, Batch, ShardSetMetadata
+from todi.storage.fs import is_uri
 from todi.trainer.config import TrainConfig, trajectory_differences
 from todi.trainer.data import (
     DataError,
@@ -702,7 +704,7 @@ def jemalloc_path() -> str | None:
 
 
 def _absolute_local(location: str) -> str:
-    return location if "://" in location else str(Path(location).absolute())
+    return location if is_uri(location) else str(Path(location).absolute())
 
 
 def _schedule_total(cfg: TrainConfig, rows: int) -> int:
