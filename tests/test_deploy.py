@@ -605,20 +605,15 @@ def click_default(call_path: str, param_name: str) -> Any:
 
 @cache
 def project_packages() -> tuple[str, ...]:
-    """Top-level import packages the distribution installs (pyproject's packages.find)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    include = pyproject["tool"]["setuptools"]["packages"]["find"].get("include", ["*"])
-    from fnmatch import fnmatch
-
-    return tuple(
-        sorted(
-            d.name
-            for d in ROOT.iterdir()
-            if d.is_dir()
-            and (d / "__init__.py").is_file()
-            and any(fnmatch(d.name, p) for p in include)
-        )
-    )
+    """Source folders of the packages the distribution installs (pyproject's packages, with
+    their package-dir mapping: `todi.storage` is the folder `storage/`)."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dir = setuptools.get("package-dir", {})
+    folders = {
+        package_dir.get(name, name.replace(".", "/")).split("/")[0]
+        for name in setuptools["packages"]
+    }
+    return tuple(sorted(d for d in folders if (ROOT / d / "__init__.py").is_file()))
 
 
 @cache
