@@ -1,14 +1,14 @@
 """vLLM answer generation on CPU (`todi demo` step 2): dtype and thread binding.
 
 The demo's sequence-level data are answers sampled from the teacher on vLLM
-(`services.answers`). On a CPU the engine's settings decide the speed; this measures the
+(`todi.services.answers`). On a CPU the engine's settings decide the speed; this measures the
 generated tokens/s of each setting, each in a fresh subprocess (vLLM reads the binding when
 its engine starts):
 
 - `bfloat16/auto`: vLLM's own defaults (bf16; "auto" binding keeps one core per NUMA node for
   its scheduler, so a 2-core machine computes on one);
 - `float32/auto`: float32 with vLLM's binding;
-- `float32/all`: this project's defaults (`services.backends.vllm.default_dtype` and
+- `float32/all`: this project's defaults (`todi.services.backends.vllm.default_dtype` and
   `cpu_engine_env`: float32, threads bound to every core of the process).
 
 Same prompts (the first --prompts chatterbot prompts through the chat template), same seeds,
@@ -38,13 +38,13 @@ def _child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
-    from services.answers import (
+    from todi.services.answers import (
         chat_prompt_ids,
         chatterbot_prompts,
         generation_engine,
         sample_answers,
     )
-    from services.models import resolve_model
+    from todi.services.models import resolve_model
 
     dtype = args.child.split("/")[0]
     model = resolve_model(args.model)

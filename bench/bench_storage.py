@@ -55,7 +55,7 @@ def corpus_text() -> str:
 
 def teacher_topk(sequences: int, seq_len: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens [S, L], ids [S, L-1, k], log-probs [S, L-1, k]) of the real teacher, cached."""
-    from todi.paths import todi_home
+    from todi.common.paths import todi_home
 
     cache = todi_home() / "bench" / f"storage-topk-s{sequences}-l{seq_len}-k{k}.npz"
     if cache.exists():
@@ -64,7 +64,7 @@ def teacher_topk(sequences: int, seq_len: int, k: int) -> tuple[np.ndarray, np.n
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.models import prepare_model
+    from todi.services.models import prepare_model
 
     folder = prepare_model("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(folder)
@@ -107,10 +107,10 @@ def timed(fn, repeat: int = 1):
 def measure(codec: str, samples, vocab: int, k: int) -> dict:
     import pyarrow.parquet as pq
 
-    from storage import ShardSetMetadata, decode_table, get_codec
-    from storage.manifest import Manifest, ShardInfo
-    from storage.reader import ShardSet
-    from storage.writer import shard_bytes
+    from todi.storage import ShardSetMetadata, decode_table, get_codec
+    from todi.storage.manifest import Manifest, ShardInfo
+    from todi.storage.reader import ShardSet
+    from todi.storage.writer import shard_bytes
 
     meta = ShardSetMetadata(
         teacher_model="smollm2-135m-instruct",
@@ -179,7 +179,7 @@ def measure(codec: str, samples, vocab: int, k: int) -> dict:
     }
     codec_obj = get_codec(codec)
     if hasattr(codec_obj, "jit"):
-        from storage import _jit
+        from todi.storage import _jit
 
         result["jit"] = _jit.AVAILABLE
         codec_obj.jit = False
@@ -201,7 +201,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from storage import Sample, known_codecs
+    from todi.storage import Sample, known_codecs
 
     tokens, ids, lps = teacher_topk(args.sequences, args.seq_len, args.top_k)
     vocab = 49152

@@ -10,7 +10,7 @@ teacher's chat template) are scored by each backend, each in a fresh subprocess:
           of every token; logits of the last position only).
 - topk: `backend.topk(sequences, k)` over the job's batches (forward + full-vocabulary
   log-softmax + top-k + conversion to numpy).
-- job: `services.jobs.run_precompute` end to end (read JSONL, tokenize, count pass, topk,
+- job: `todi.services.jobs.run_precompute` end to end (read JSONL, tokenize, count pass, topk,
   slice, encode, write and commit Parquet shards, mark complete).
 
 tokens/s counts the tokens of the sequences (every position). "outside forward" =
@@ -73,10 +73,10 @@ def _best_interleaved(fns: dict, repeats: int) -> dict[str, float]:
 
 def _child(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT))
-    from services.backends import create_backend
-    from services.config import JobSpec
-    from services.datasets import encode_rows, read_rows
-    from services.jobs import batched, effective_max_len, run_precompute
+    from todi.services.backends import create_backend
+    from todi.services.config import JobSpec
+    from todi.services.datasets import encode_rows, read_rows
+    from todi.services.jobs import batched, effective_max_len, run_precompute
 
     kind = args.child
     options: dict = {}
@@ -101,7 +101,7 @@ def _child(args: argparse.Namespace) -> dict:
     if kind == "hf":
         import torch
 
-        from services.backends.hf import pack_by_budget
+        from todi.services.backends.hf import pack_by_budget
 
         budget = backend.token_budget
 
@@ -179,7 +179,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from services.models import resolve_model
+    from todi.services.models import resolve_model
 
     args.model = str(resolve_model(args.model))
     results = {}

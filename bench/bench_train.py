@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,10 @@ def _texts(n: int, words: int, seed: int) -> list[tuple[str, str]]:
 
 
 def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k: int) -> float:
-    from services.backends import create_backend
-    from services.jobs import teacher_shard_metadata
-    from storage import ShardSetWriter
-    from storage.schema import Sample
+    from todi.services.backends import create_backend
+    from todi.services.jobs import teacher_shard_metadata
+    from todi.storage import ShardSetWriter
+    from todi.storage.schema import Sample
 
     backend = create_backend("hf", teacher_dir, max_top_k=top_k)
     tok = backend.tokenizer
@@ -81,8 +82,8 @@ def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k
 def _raw(shards: Path):
     import pyarrow.parquet as pq
 
-    from storage import open_shard_set
-    from trainer.data import raw_rows
+    from todi.storage import open_shard_set
+    from todi.trainer.data import raw_rows
 
     ss = open_shard_set(shards)
     schema, rows = None, []
@@ -94,7 +95,7 @@ def _raw(shards: Path):
 
 def padding_waste(args) -> dict:
     """Padding share of one epoch's micro-batches, with and without length bucketing."""
-    from trainer.data import LoaderSettings, epoch_batches
+    from todi.trainer.data import LoaderSettings, epoch_batches
 
     _, _, rows = _raw(Path(args.shards))
     out = {}
@@ -110,11 +111,12 @@ def padding_waste(args) -> dict:
 
 def run_mode(args, mode: str) -> dict:
     """Train `args.steps` (+1 warm-up) steps in `mode` (offline|online) and time them."""
-    from trainer.config import TrainConfig
-    from trainer.data import LoaderSettings, decode_rows, epoch_batches
-    from trainer.online import OnlineTeacher
-    from trainer.student import build_student
-    from trainer.train import StudentObjective, make_optimizer, make_scheduler, train_step
+    from todi.services.backends import create_backend
+    from todi.trainer.config import TrainConfig
+    from todi.trainer.data import LoaderSettings, decode_rows, epoch_batches
+    from todi.trainer.online import OnlineTeacher
+    from todi.trainer.student import build_student
+    from todi.trainer.train import StudentObjective, make_optimizer, make_scheduler, train_step
 
     torch.set_num_threads(args.threads)
     meta, schema, rows = _raw(Path(args.shards))
@@ -138,7 +140,11 @@ def run_mode(args, mode: str) -> dict:
     cfg = TrainConfig(shards="-", student="-", out="-", lr=1e-5)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, warmup=0, total=args.steps + 1)
-    teacher = OnlineTeacher(args.teacher, meta, device="cpu") if mode == "online" else None
+    teacher = (
+        OnlineTeacher(args.teacher, meta, device="cpu", engine=partial(create_backend, "hf"))
+        if mode == "online"
+        else None
+    )
     load_s = step_s = teacher_s = step_cpu = 0.0
     tokens = 0
     for i, plan in enumerate(plans):
@@ -206,7 +212,7 @@ def main() -> None:
         print(json.dumps(run_mode(args, args._child)))
         return
 
-    from services.models import prepare_model
+    from todi.services.models import prepare_model
 
     args.teacher = str(prepare_model("smollm2-135m-instruct"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +228,7 @@ def main() -> None:
         else:
             precompute_s = None
         if args.jemalloc_compare:
-            from trainer.train import jemalloc_path
+            from todi.trainer.train import jemalloc_path
 
             offline = _subprocess_offline(args, None)
             jem = _subprocess_offline(args, jemalloc_path())

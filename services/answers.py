@@ -93,7 +93,7 @@ def generation_engine(
     platform), shut down on exit."""
     from vllm import LLM
 
-    from services.backends.vllm import cpu_engine_env, default_dtype, on_cpu
+    from todi.services.backends.vllm import cpu_engine_env, default_dtype, on_cpu
 
     with cpu_engine_env():
         llm = LLM(

@@ -54,11 +54,12 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
-from services.backends import BackendError, TeacherBackend, TopK, create_backend
-from services.batcher import BatchedBackend, BatchStats, DynamicBatcher, ShuttingDown
-from services.config import JobSpec
-from services.settings import ServiceSettings
-from storage.schema import ARROW_SCHEMA, content_sample_id
+from todi.common.errors import TodiError
+from todi.services.backends import BackendError, TeacherBackend, TopK, create_backend
+from todi.services.batcher import BatchedBackend, BatchStats, DynamicBatcher, ShuttingDown
+from todi.services.config import JobSpec
+from todi.services.settings import ServiceSettings
+from todi.storage.schema import ARROW_SCHEMA, content_sample_id
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
@@ -566,7 +567,7 @@ def create_app(
             on_batch=metrics.on_batch,
         )
         state.batcher.start()
-        from services.jobs import JobManager
+        from todi.services.jobs import JobManager
 
         model_dir = getattr(engine, "model_dir", None)
         # Jobs share the engine through the batcher (never concurrently with requests);
@@ -753,24 +754,13 @@ def create_app(
         too. Re-submitting the same job (same out and parameters) returns its id and resumes
         it: only samples not yet in whole shards are computed.
         """
-        from services.datasets import DatasetError
-        from services.jobs import JobConflictError, JobLimitError, JobPathError
-
         if "temperature" not in spec.model_fields_set:
             spec = spec.model_copy(update={"temperature": state.backend.info.default_temperature})
         try:
             state.backend.validate([[0, 0]], spec.top_k, spec.temperature)
             job_id = await run_in_threadpool(state.jobs.submit, spec)
-        except BackendError as exc:
-            raise ApiError(422, str(exc), exc.field) from None
-        except JobPathError as exc:
-            raise ApiError(400, str(exc), _field_of(str(exc), "out")) from None
-        except JobLimitError as exc:
-            raise ApiError(429, str(exc)) from None
-        except JobConflictError as exc:
-            raise ApiError(409, str(exc), _field_of(str(exc), "out")) from None
-        except DatasetError as exc:
-            raise ApiError(422, str(exc), "dataset") from None
+        except TodiError as exc:
+            raise _job_error(exc) from None
         p = state.jobs.get(job_id)
         return {"job_id": job_id, "state": p.state, "out": p.out}
 
@@ -805,7 +795,7 @@ def create_app(
 
 
 def _job_or_404(call: Callable[[str], Any], job_id: str) -> Any:
-    from services.jobs import JobNotFoundError
+    from todi.services.jobs import JobNotFoundError
 
     try:
         return call(job_id)
@@ -813,10 +803,22 @@ def _job_or_404(call: Callable[[str], Any], job_id: str) -> Any:
         raise ApiError(404, f"no job {job_id!r}", "job_id") from None
 
 
-def _field_of(message: str, default: str) -> str:
-    """The field a jobs error message starts with (`out: ...`, `dataset: ...`)."""
-    head = message.split(":", 1)[0].strip()
-    return head if head in ("out", "dataset", "job_id") else default
+def _job_error(exc: TodiError) -> ApiError | TodiError:
+    """A refused job submission, mapped by type to its HTTP status (the field from the error)."""
+    from todi.services.datasets import DatasetError
+    from todi.services.jobs import JobConflictError, JobLimitError, JobPathError
+
+    statuses = (
+        (BackendError, 422, None),
+        (JobPathError, 400, "out"),
+        (JobLimitError, 429, None),
+        (JobConflictError, 409, "out"),
+        (DatasetError, 422, "dataset"),
+    )
+    for kind, status, default_field in statuses:
+        if isinstance(exc, kind):
+            return ApiError(status, str(exc), exc.field or default_field)
+    return exc
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from services.backends import TeacherBackend, TopK
+from todi.common.errors import TodiError
+from todi.services.backends import TeacherBackend, TopK
 
 
-class ShuttingDown(RuntimeError):
+class ShuttingDown(TodiError, RuntimeError):
     """The batcher is stopping: the request was not (and will not be) run."""
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import typer
 
-from todi.cli_errors import fail, user_errors
+from todi.common.cli import fail, first_line, user_errors
+from todi.common.errors import TodiError
 
 models_app = typer.Typer(help="Teacher model folders.", no_args_is_help=True)
 
@@ -25,9 +26,9 @@ def models_prepare(
     out: Path | None = typer.Option(None, "--out", help="Folder (default: the todi cache)."),
 ) -> None:
     """Convert an embedded teacher into a Hugging Face folder (idempotent); print the folder."""
-    from services.models import ModelError, prepare_model
+    from todi.services.models import prepare_model
 
-    with user_errors(ModelError, OSError):
+    with user_errors(OSError):
         print(prepare_model(name, out))
 
 
@@ -38,10 +39,9 @@ def models_temper(
     out: Path | None = typer.Option(None, "--out", help="Folder (default: the todi cache)."),
 ) -> None:
     """Write a copy whose log-probs are log_softmax(logits / T) in any engine; print it."""
-    from services.models import ModelError
-    from services.tempering import temper_model_dir
+    from todi.services.tempering import temper_model_dir
 
-    with user_errors(ModelError, OSError):
+    with user_errors(OSError):
         print(temper_model_dir(model, temperature, out))
 
 
@@ -96,12 +96,11 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from services.api import create_app
-    from services.backends import BackendError, create_backend
-    from services.config import validation_message
-    from services.models import ModelError
-    from services.settings import ServiceSettings
-    from todi.paths import todi_home
+    from todi.common.paths import todi_home
+    from todi.services.api import create_app
+    from todi.services.backends import create_backend
+    from todi.services.config import validation_message
+    from todi.services.settings import ServiceSettings
 
     options = _parse_options(option)
     named = {
@@ -133,7 +132,7 @@ def serve(
     # The engine is created here, in the serving process (uvicorn runs the app in this same
     # process): vLLM spawns its engine core from it, which the console script's
     # `if __name__ == "__main__"` guard makes safe. Errors become one line, before binding.
-    with user_errors(BackendError, ModelError, OSError):
+    with user_errors(OSError):
         engine = create_backend(backend, model, **options)
     try:
         # The app closes the engine in its shutdown: uvicorn re-raises SIGTERM / SIGINT
@@ -235,7 +234,7 @@ def _precompute_remote(
 ) -> dict[str, Any] | None:
     import httpx
 
-    from services.settings import API_KEY_ENV
+    from todi.services.settings import API_KEY_ENV
 
     key = os.environ.get(API_KEY_ENV)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -283,13 +282,10 @@ def _precompute_local(
 ) -> dict[str, Any]:
     from pydantic import ValidationError
 
-    from services.api import _progress_dict
-    from services.backends import BackendError, create_backend
-    from services.config import JobSpec, validation_message
-    from services.datasets import DatasetError
-    from services.jobs import run_precompute
-    from services.models import ModelError
-    from storage import ShardFormatError
+    from todi.services.api import _progress_dict
+    from todi.services.backends import create_backend
+    from todi.services.config import JobSpec, validation_message
+    from todi.services.jobs import run_precompute
 
     try:
         spec = JobSpec.model_validate({k: v for k, v in body.items() if v is not None})
@@ -299,7 +295,7 @@ def _precompute_local(
         options["temperature"] = spec.temperature  # vllm / remote serve one temperature
     engine = None
     if not spec.ray:  # with --ray every actor starts its own engine
-        with user_errors(BackendError, ModelError, OSError):
+        with user_errors(OSError):
             engine = create_backend(backend, model, **options)
     bar = _bar(show)
     cancel = threading.Event()
@@ -311,7 +307,7 @@ def _precompute_local(
 
         try:
             if engine is None:
-                from services.ray_precompute import run_ray_precompute
+                from todi.services.ray_precompute import run_ray_precompute
 
                 result["progress"] = run_ray_precompute(
                     spec,
@@ -344,8 +340,8 @@ def _precompute_local(
             engine.close()
     if "error" in result:
         exc = result["error"]
-        if isinstance(exc, DatasetError | ShardFormatError | BackendError | ValueError | OSError):
-            raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if isinstance(exc, TodiError | ValueError | OSError):
+            raise fail(first_line(exc))
         raise exc
     return _progress_dict(result["progress"])
 

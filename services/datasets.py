@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from storage import content_sample_id
+from todi.common.errors import TodiError
+from todi.storage import content_sample_id
 
 # How many row numbers of each kind (empty, dropped) a report keeps.
 REPORT_ROWS = 10
@@ -60,7 +61,7 @@ _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjs
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-class DatasetError(ValueError):
+class DatasetError(TodiError, ValueError):
     """Input that cannot be read as rows; the message names the file and the row."""
 
 

@@ -8,7 +8,7 @@
 2. a cheap first pass over the rows (tokenization only) gives the totals and catches bad
    rows and duplicate ids before the teacher runs;
 3. the second pass sends batches of at most `batch_tokens` tokens to `backend.topk`, keeps
-   rows first_position .. L-2 of each TopK (the stored positions, see `storage.schema`) and
+   rows first_position .. L-2 of each TopK (the stored positions, see `todi.storage.schema`) and
    writes through `storage.ShardSetWriter`, which commits a shard every
    `positions_per_shard` positions; the set is marked complete at the end.
 
@@ -34,10 +34,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from services.config import JobSpec
-from services.datasets import DatasetError, EncodedRow, EncodeStats, encode_rows, read_rows
-from storage import (
+from todi.common.errors import TodiError
+from todi.services.config import JobSpec
+from todi.services.datasets import DatasetError, EncodedRow, EncodeStats, encode_rows, read_rows
+from todi.storage import (
     DEFAULT_CODEC,
+    NoManifestError,
     Sample,
     ShardFormatError,
     ShardSetMetadata,
@@ -46,6 +48,7 @@ from storage import (
     first_position,
     open_shard_set,
 )
+from todi.storage.fs import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ JOBS_DIR = ".todi-jobs"
 LOCK_NAME = ".todi-job.lock"
 
 
-class JobError(ValueError):
+class JobError(TodiError, ValueError):
     """A job that cannot run as asked (conflicting output, bad backend output)."""
 
 
@@ -71,7 +74,7 @@ class JobConflictError(JobError):
     """Another job (or a set written by one) with different parameters owns this output."""
 
 
-class JobNotFoundError(KeyError):
+class JobNotFoundError(TodiError, KeyError):
     """No job with this id."""
 
     def __str__(self) -> str:
@@ -150,7 +153,7 @@ def _normalized(spec: JobSpec) -> JobSpec:
     update = {
         name: str(Path(value).absolute())
         for name, value in (("dataset", spec.dataset), ("out", spec.out))
-        if "://" not in value
+        if not is_uri(value)
     }
     return spec.model_copy(update=update)
 
@@ -164,19 +167,18 @@ def effective_max_len(spec: JobSpec, info: Any) -> int:
 def existing_sample_ids(spec: JobSpec, metadata: ShardSetMetadata) -> set[str]:
     """Ids in the whole shards of the set at `spec.out` (empty if none), after checking that
     the set was written by the same kind of job (same signature and job identity)."""
-    if not (Path(spec.out) / "manifest.json").exists() and "://" not in spec.out:
+    if not (Path(spec.out) / "manifest.json").exists() and not is_uri(spec.out):
         return set()
     try:
         shard_set = open_shard_set(spec.out)
-    except ShardFormatError as exc:
-        if "no manifest" in str(exc):
-            return set()
-        raise
+    except NoManifestError:
+        return set()
     diffs = shard_set.signature.signature_differences(metadata)
     if diffs:
         raise JobConflictError(
             f"{spec.out}: holds a shard set written with another teacher signature "
-            f"(existing != this job): {'; '.join(diffs)}; choose another output"
+            f"(existing != this job): {'; '.join(diffs)}; choose another output",
+            field="out",
         )
     recorded = shard_set.manifest.job or {}
     diffs = spec.identity_differences(recorded)
@@ -184,7 +186,8 @@ def existing_sample_ids(spec: JobSpec, metadata: ShardSetMetadata) -> set[str]:
         raise JobConflictError(
             f"{spec.out}: holds a shard set written by a different job (existing != this "
             f"job): {'; '.join(diffs)}; resume it with the same parameters or choose another "
-            f"output"
+            f"output",
+            field="out",
         )
     return shard_set.sample_ids()
 
@@ -281,7 +284,7 @@ def output_lock(out: str) -> Iterator[None]:
     manifest and commit it twice; the lock makes the second one fail fast instead. It is a
     flock, so the kernel drops it when the holder dies (kill -9 included).
     """
-    if "://" in out:
+    if is_uri(out):
         yield  # object stores: the caller (one driver) is the only writer
         return
     import fcntl
@@ -293,7 +296,8 @@ def output_lock(out: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise JobConflictError(
-                f"out: {out} is being written by another running job (lock {LOCK_NAME})"
+                f"out: {out} is being written by another running job (lock {LOCK_NAME})",
+                field="out",
             ) from None
         yield
     finally:
@@ -423,13 +427,16 @@ def confine(root: str | os.PathLike[str], path: str, what: str = "out") -> Path:
     """
     real_root = Path(os.path.realpath(root))
     text = str(path)
-    if "://" in text:
-        raise JobPathError(f"{what}: {text!r} must be a path under the storage root, not a URI")
+    if is_uri(text):
+        raise JobPathError(
+            f"{what}: {text!r} must be a path under the storage root, not a URI",
+            field=what,
+        )
     if "\x00" in text:
-        raise JobPathError(f"{what}: path contains a NUL byte")
+        raise JobPathError(f"{what}: path contains a NUL byte", field=what)
     p = Path(text)
     if ".." in p.parts:
-        raise JobPathError(f"{what}: {text!r} must not contain '..'")
+        raise JobPathError(f"{what}: {text!r} must not contain '..'", field=what)
     candidate = p if p.is_absolute() else Path(root) / p
     # realpath resolves every existing component (symlinks included); the rest stays as is.
     resolved = Path(os.path.realpath(candidate))
@@ -437,12 +444,19 @@ def confine(root: str | os.PathLike[str], path: str, what: str = "out") -> Path:
         rel = resolved.relative_to(real_root)
     except ValueError:
         raise JobPathError(
-            f"{what}: {text!r} resolves to {resolved}, outside the storage root {real_root}"
+            f"{what}: {text!r} resolves to {resolved}, outside the storage root {real_root}",
+            field=what,
         ) from None
     if not rel.parts:
-        raise JobPathError(f"{what}: {text!r} is the storage root itself; name a folder in it")
+        raise JobPathError(
+            f"{what}: {text!r} is the storage root itself; name a folder in it",
+            field=what,
+        )
     if rel.parts[0] == JOBS_DIR:
-        raise JobPathError(f"{what}: {text!r} is inside the job records folder {JOBS_DIR}")
+        raise JobPathError(
+            f"{what}: {text!r} is inside the job records folder {JOBS_DIR}",
+            field=what,
+        )
     return resolved
 
 
@@ -588,7 +602,8 @@ class JobManager:
                 if diffs and job.progress.active:
                     raise JobConflictError(
                         f"out: job {job.progress.job_id} is writing {spec.out} with other "
-                        f"parameters ({'; '.join(diffs)})"
+                        f"parameters ({'; '.join(diffs)})",
+                        field="out",
                     )
                 if not diffs and (spec.job_id in (None, job.progress.job_id)):
                     if not job.progress.active:
@@ -598,7 +613,8 @@ class JobManager:
             if spec.job_id is not None and spec.job_id in self._jobs:
                 raise JobConflictError(
                     f"job_id: {spec.job_id!r} already names a job writing "
-                    f"{self._jobs[spec.job_id].spec.out}"
+                    f"{self._jobs[spec.job_id].spec.out}",
+                    field="job_id",
                 )
             self._check_manifest(spec)
             self._check_limit()
@@ -682,8 +698,8 @@ class JobManager:
     def _dataset_path(self, dataset: str) -> Path:
         if self.dataset_root is not None:
             return confine(self.dataset_root, dataset, "dataset")
-        if "://" in dataset:
-            raise JobPathError(f"dataset: {dataset!r} must be a local path")
+        if is_uri(dataset):
+            raise JobPathError(f"dataset: {dataset!r} must be a local path", field="dataset")
         p = Path(dataset)
         return p if p.is_absolute() else self.root / p
 
@@ -707,7 +723,8 @@ class JobManager:
         if diffs:
             raise JobConflictError(
                 f"out: {spec.out} holds a shard set written by a different job (existing != "
-                f"new): {'; '.join(diffs)}"
+                f"new): {'; '.join(diffs)}",
+                field="out",
             )
 
     def _restart(self, job: _Job, spec: JobSpec) -> None:
@@ -777,7 +794,7 @@ class JobManager:
             confine(self.root, job.spec.out, "out")
             backend = self._get_backend()
             if job.spec.ray:
-                from services.ray_precompute import run_ray_precompute
+                from todi.services.ray_precompute import run_ray_precompute
 
                 kind, model, options = self._ray_backend(backend)
                 result = run_ray_precompute(
@@ -831,13 +848,13 @@ class JobManager:
 
 def read_dataset_format(path: str | os.PathLike[str]) -> str:
     """The dataset's format, or DatasetError if it is missing or not a dataset."""
-    from services.datasets import dataset_files
+    from todi.services.datasets import dataset_files
 
     return dataset_files(path)[0]
 
 
 # ----------------------------------------------------------------------------------------
-# `python -m services.jobs`: one job, in-process or through a JobManager (used by tests)
+# `python -m todi.services.jobs`: one job, in-process or through a JobManager (used by tests)
 # ----------------------------------------------------------------------------------------
 
 
@@ -845,7 +862,7 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m services.jobs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m todi.services.jobs", description=__doc__)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--top-k", type=int, required=True)
@@ -861,7 +878,7 @@ def _main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from services.backends import create_backend
+    from todi.services.backends import create_backend
 
     spec = JobSpec(
         dataset=args.dataset,

@@ -8,14 +8,15 @@ state dict and save that: a bf16 safetensors folder both transformers and vLLM l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from todi.paths import publish_dir, todi_home
+from todi.common.errors import TodiError
+from todi.common.paths import publish_dir, todi_home
+from todi.storage.fingerprints import sha256_file
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 _DONE_MARKER = "todi_prepared.json"
 
 
-class ModelError(ValueError):
+class ModelError(TodiError, ValueError):
     """A model name or folder that cannot be used; the message says why."""
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _gguf_path(model: EmbeddedModel) -> Path:
@@ -78,7 +71,7 @@ def prepare_model(name: str, out: Path | None = None) -> Path:
         raise ModelError(f"{out} exists and is not a prepared model folder; choose another --out")
 
     gguf = _gguf_path(model)
-    digest = _sha256_file(gguf)
+    digest = sha256_file(gguf)
     if digest != model.sha256:
         raise ModelError(f"{gguf}: sha256 {digest} != expected {model.sha256}")
 
@@ -126,6 +119,11 @@ def _is_prepared(out: Path, model: EmbeddedModel) -> bool:
         return False
 
 
+def embedded_model_path(spec: str) -> str:
+    """The prepared folder of an embedded model name; any other spec unchanged."""
+    return str(prepare_model(spec)) if spec in EMBEDDED_MODELS else spec
+
+
 def resolve_model(spec: str | os.PathLike[str]) -> Path:
     """An embedded model name (prepared on demand) or an existing HF folder."""
     if str(spec) in EMBEDDED_MODELS:
@@ -134,35 +132,3 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
     return path
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's vocabulary (token -> id), merges and added tokens.
-
-    Two tokenizers with the same fingerprint map text to the same ids, which is what the
-    teacher/student contract needs; chat templates and cosmetic settings do not count.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        payload = {
-            "vocab": state.get("model", {}).get("vocab"),
-            "merges": state.get("model", {}).get("merges"),
-            "added": sorted((t["id"], t["content"]) for t in state.get("added_tokens", [])),
-        }
-    else:  # slow tokenizers: the vocabulary is all we can reach
-        payload = {"vocab": tokenizer.get_vocab()}
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def weights_fingerprint(model_dir: Path) -> str:
-    """sha256 over the folder's weight files (names, sizes, and contents)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in {".safetensors", ".bin"})
-    if not files:
-        raise ModelError(f"{model_dir}: no .safetensors or .bin weight files")
-    for p in files:
-        h.update(p.name.encode())
-        h.update(_sha256_file(p).encode())
-    return h.hexdigest()

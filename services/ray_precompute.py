@@ -9,9 +9,9 @@
     driver:  streams the per-shard results (progress, cancel), then marks the set complete.
 
 One engine per actor (`num_gpus=1` each when the cluster has GPUs). The driver tokenizes
-(rules of `services.datasets`), skips the ids already in whole shards of the output set, and
+(rules of `todi.services.datasets`), skips the ids already in whole shards of the output set, and
 stages only the rows still to do, so a re-run (after a cancel, a crash, or a killed driver)
-computes exactly the missing samples, as `services.jobs.run_precompute` does; the two modes
+computes exactly the missing samples, as `todi.services.jobs.run_precompute` does; the two modes
 resume each other's sets. The actors commit their own shards (the manifest update is
 lock-protected), so finished work survives a dead driver.
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from services.config import JobSpec
-from services.datasets import EncodeStats
-from services.jobs import (
+from todi.services.config import JobSpec
+from todi.services.datasets import EncodeStats
+from todi.services.jobs import (
     JobError,
     JobProgress,
     _Clock,
@@ -50,7 +50,8 @@ from services.jobs import (
     start_progress,
     to_samples,
 )
-from storage import ShardInfo, ShardSetMetadata, commit_shards, expected_positions, write_shard
+from todi.storage import ShardInfo, ShardSetMetadata, commit_shards, expected_positions, write_shard
+from todi.storage.fs import is_uri
 
 STAGING_PREFIX = ".staging-"
 _STAGING_FILE_ROWS = 16_384
@@ -97,7 +98,7 @@ class TeacherActor:
     def _one(self, path: str) -> tuple[ShardInfo, int, int]:
         import pyarrow.parquet as pq
 
-        from services.datasets import EncodedRow
+        from todi.services.datasets import EncodedRow
 
         table = pq.read_table(path)
         rows = [
@@ -125,7 +126,7 @@ def _actor_backend(backend: str, model: str, options: dict[str, Any]) -> Any:
     """The backend inside a Ray worker. Several actors may share a node, so a vLLM CPU engine
     must not pin its threads to the cores of the whole machine (`cpu_engine_env`): it runs
     unbound with the OMP_NUM_THREADS Ray gives a worker (its num_cpus)."""
-    from services.backends import create_backend
+    from todi.services.backends import create_backend
 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return create_backend(backend, model, **options)
@@ -140,7 +141,7 @@ def _probe_info(backend: str, model: str, options: dict[str, Any], remote_args: 
         with _actor_backend(backend, model, options) as b:
             return b.info.to_dict()
 
-    from services.backends import TeacherInfo
+    from todi.services.backends import TeacherInfo
 
     data = ray.get(probe.remote())
     temps = data.get("temperatures")
@@ -238,7 +239,7 @@ def run_ray_precompute(
     """
     import ray
 
-    if "://" in spec.out:
+    if is_uri(spec.out):
         raise JobError("out: --ray jobs write to a shared filesystem path, not a URI")
     spec = _normalized(spec)
     spec = spec.model_copy(update={"out": str(Path(spec.out).absolute())})

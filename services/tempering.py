@@ -21,7 +21,7 @@ The new gain is stored in the folder's dtype when that is exact (T a power of tw
 plain norm); otherwise in float32, which an engine running in float32 uses exactly (a bf16
 engine rounds it to bf16, an error of the same size as its own bf16 activations).
 
-CLI: `python -m services.tempering MODEL_DIR --temperature T [--out DIR]` prints the folder,
+CLI: `python -m todi.services.tempering MODEL_DIR --temperature T [--out DIR]` prints the folder,
 ready for `vllm serve DIR` (then declare that T to the `remote` backend).
 """
 
@@ -36,8 +36,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.models import ModelError, resolve_model, weights_fingerprint
-from todi.paths import publish_dir, todi_home
+from todi.common.errors import TodiError
+from todi.common.paths import publish_dir, todi_home
+from todi.services.models import ModelError, resolve_model
+from todi.storage.fingerprints import weights_fingerprint
 
 MARKER = "todi_tempered.json"
 
@@ -278,7 +280,7 @@ def tempered_model_dir(model_dir: str | Path, temperature: float) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m services.tempering",
+        prog="python -m todi.services.tempering",
         description="Write a copy of an HF teacher folder whose prompt log-probs are "
         "log_softmax(logits / T) in any engine (for `vllm serve`).",
     )
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(temper_model_dir(args.model, args.temperature, args.out))
-    except ModelError as exc:
+    except TodiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

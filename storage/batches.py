@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from storage.schema import Sample
+from todi.storage.schema import Sample
 
 IGNORE_INDEX = -100
 

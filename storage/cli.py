@@ -6,9 +6,8 @@ import json
 
 import typer
 
-from storage.reader import open_shard_set, verify_shard_set
-from storage.schema import ShardFormatError
-from todi.cli_errors import fail, user_errors
+from todi.common.cli import fail, user_errors
+from todi.storage.reader import open_shard_set, verify_shard_set
 
 app = typer.Typer(help="Inspect and verify shard sets.", no_args_is_help=True)
 
@@ -19,7 +18,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Rows, positions, k, teacher, bytes per position, and whether the set is complete."""
-    with user_errors(ShardFormatError, FileNotFoundError, OSError):
+    with user_errors(OSError):
         s = open_shard_set(path)
     m = s.manifest
     info = {

@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage import _jit, rans
+from todi.common.errors import TodiError
+from todi.storage import _jit, rans
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RowBlock:
     positions: np.ndarray  # int64 [R]: stored positions per row
 
 
-class CodecError(ValueError):
+class CodecError(TodiError, ValueError):
     """A row's top-k block cannot be decoded; `row` is the offending row in its block."""
 
     def __init__(self, message: str, row: int | None = None) -> None:

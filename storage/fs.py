@@ -8,6 +8,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for a URI (`s3://bucket/set`, `file:///x`), False for a local path."""
+    return "://" in os.fspath(location)
+
+
 def resolve(
     location: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
 ) -> tuple[pafs.FileSystem, str]:
@@ -15,7 +20,7 @@ def resolve(
     text = os.fspath(location)
     if filesystem is not None:
         return filesystem, text
-    if "://" in text:
+    if is_uri(text):
         return pafs.FileSystem.from_uri(text)
     return pafs.LocalFileSystem(), str(Path(text).absolute())
 

@@ -16,8 +16,14 @@ from typing import Any
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from storage import fs as sfs
-from storage.schema import FORMAT_VERSION, MANIFEST_NAME, ShardFormatError, ShardSetMetadata
+from todi.storage import fs as sfs
+from todi.storage.schema import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    NoManifestError,
+    ShardFormatError,
+    ShardSetMetadata,
+)
 
 
 class ShardInfo(BaseModel):
@@ -57,7 +63,7 @@ def read_manifest(fs: pafs.FileSystem, root: str) -> Manifest:
     try:
         raw = sfs.read_bytes(fs, path)
     except FileNotFoundError:
-        raise ShardFormatError(
+        raise NoManifestError(
             f"{path}: no manifest (not a shard set, or nothing written)"
         ) from None
     try:

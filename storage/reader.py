@@ -14,10 +14,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from storage import fs as sfs
-from storage.codec import CodecError, RowBlock, get_codec
-from storage.manifest import Manifest, ShardInfo, read_manifest
-from storage.schema import (
+from todi.storage import fs as sfs
+from todi.storage.codec import CodecError, RowBlock, get_codec
+from todi.storage.manifest import Manifest, ShardInfo, read_manifest
+from todi.storage.schema import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SHARD_SUFFIX,
@@ -282,8 +282,8 @@ class ShardSet:
         return ids
 
     def iter_batches(self, **kwargs) -> Iterator:
-        """Padded training batches; see `storage.batches.iter_batches`."""
-        from storage.batches import iter_batches
+        """Padded training batches; see `todi.storage.batches.iter_batches`."""
+        from todi.storage.batches import iter_batches
 
         return iter_batches(iter(self), **kwargs)
 

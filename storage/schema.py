@@ -6,7 +6,7 @@ A shard set is a directory holding Parquet files and `manifest.json`. One row pe
     input_ids       list<int32>   the whole token sequence, length L
     prompt_len      int32         tokens before the response (0 for plain text)
     ...             binary        the codec's columns: the top-k ids [P, k] and log-probs
-                                  [P, k], encoded (see `storage.codec`; the codec name is in
+                                  [P, k], encoded (see `todi.storage.codec`; the codec name is in
                                   the metadata)
 
 where the P = L - 1 - first_position stored positions are t = first_position .. L - 2,
@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.codec import DEFAULT_CODEC
+from todi.common.errors import TodiError
+from todi.storage.codec import DEFAULT_CODEC
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -61,8 +62,12 @@ SIGNATURE_FIELDS = (
 )
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(TodiError, ValueError):
     """A shard set that cannot be read or written as asked; the message names file and problem."""
+
+
+class NoManifestError(ShardFormatError):
+    """The folder holds no manifest: not a shard set, or nothing committed yet."""
 
 
 class ShardSetMetadata(BaseModel):
@@ -103,6 +108,15 @@ class ShardSetMetadata(BaseModel):
 
 
 @dataclass
+class TopK:
+    """Top-k teacher predictions for one sequence of length L: what a teacher engine returns and
+    the rows a `Sample` stores (those from its first stored position on)."""
+
+    ids: np.ndarray  # int32 [L-1, k], ranks 1..k by descending log-prob; row t predicts t+1
+    logprobs: np.ndarray  # float32 [L-1, k], normalized over the full vocabulary at T
+
+
+@dataclass
 class Sample:
     """One sequence with its teacher top-k for every stored position."""
 
@@ -138,7 +152,7 @@ def content_sample_id(input_ids: np.ndarray | list[int]) -> str:
 
 def shard_schema(codec_name: str) -> pa.Schema:
     """The physical Parquet schema of shards written with `codec_name`."""
-    from storage.codec import get_codec
+    from todi.storage.codec import get_codec
 
     return pa.schema([*BASE_FIELDS, *get_codec(codec_name).columns])
 

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from storage import fs as sfs
-from storage.codec import RowBlock, get_codec
-from storage.manifest import Manifest, ShardInfo, manifest_lock, read_manifest, write_manifest
-from storage.schema import (
+from todi.storage import fs as sfs
+from todi.storage.codec import RowBlock, get_codec
+from todi.storage.manifest import Manifest, ShardInfo, manifest_lock, read_manifest, write_manifest
+from todi.storage.schema import (
     MANIFEST_NAME,
     SHARD_SUFFIX,
     Sample,

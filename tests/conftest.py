@@ -15,7 +15,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 @pytest.fixture(scope="session")
 def teacher_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct teacher as an HF folder, converted once and cached."""
-    from services.models import prepare_model
+    from todi.services.models import prepare_model
 
     return prepare_model("smollm2-135m-instruct")
 

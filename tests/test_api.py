@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage import content_sample_id, open_shard_set, verify_shard_set
-from storage.schema import ARROW_SCHEMA, first_position
+from todi.storage import content_sample_id, open_shard_set, verify_shard_set
+from todi.storage.schema import ARROW_SCHEMA, first_position
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -261,7 +261,7 @@ def test_auth_required_on_every_v1_route(server: Server) -> None:
 
 
 def test_teacher_info(client: httpx.Client, teacher_tokenizer) -> None:
-    from services.models import tokenizer_fingerprint
+    from todi.storage.fingerprints import tokenizer_fingerprint
 
     info = client.get("/v1/teacher").json()
     assert info["backend"] == "hf"

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.backends import BackendError, TopK, create_backend
-from services.backends.hf import pack_by_budget
-from services.backends.remote import vllm_serve_command
-from services.tempering import TemperingError, plan_tempering, temper_model_dir
+from todi.services.backends import BackendError, TopK, create_backend
+from todi.services.backends.hf import pack_by_budget
+from todi.services.backends.remote import vllm_serve_command
+from todi.services.tempering import TemperingError, plan_tempering, temper_model_dir
 
 TEXTS = [
     "The capital of France is Paris, and the capital of Germany is Berlin.",
@@ -59,7 +59,7 @@ def _free_port() -> int:
 def served(teacher_dir: Path, tmp_path_factory):
     """A real `vllm serve` of the T=2 tempered folder, started before the other engines.
 
-    It uses the user route: `python -m services.tempering DIR -t 2 --out X`, then
+    It uses the user route: `python -m todi.services.tempering DIR -t 2 --out X`, then
     `vllm serve X`; the remote backend declares temperature 2.
     """
     tempered = tmp_path_factory.mktemp("served") / "smollm2-T2"
@@ -67,7 +67,7 @@ def served(teacher_dir: Path, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "services.tempering",
+            "todi.services.tempering",
             str(teacher_dir),
             "-t",
             "2",
@@ -185,7 +185,7 @@ def test_hf_equals_independent_transformers(hf, reference, sequences, temperatur
 
 
 def test_hf_info_and_batching(hf, teacher_dir, sequences):
-    from services.models import tokenizer_fingerprint, weights_fingerprint
+    from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
     info = hf.info
     assert (info.backend, info.vocab_size, info.max_model_len) == ("hf", 49152, MAX_LEN)
@@ -205,8 +205,8 @@ def test_hf_info_and_batching(hf, teacher_dir, sequences):
 def test_remote_zero_probability_stays_a_storable_log_prob():
     """vLLM's server writes a -inf prompt log-prob as -9999.0 (or JSON -Infinity); it must
     reach the shard as a finite log-prob the codec can store, not be refused as -inf."""
-    from services.backends.remote import _parse_prompt_logprobs
-    from storage import DEFAULT_CODEC, get_codec
+    from todi.services.backends.remote import _parse_prompt_logprobs
+    from todi.storage import DEFAULT_CODEC, get_codec
 
     row = {
         "5": {"logprob": -0.1, "rank": 1},
@@ -368,7 +368,7 @@ def _check_health_follows_the_engine(backend) -> None:
 
 
 def test_cpu_engine_env_sets_defaults_then_restores(monkeypatch):
-    from services.backends.vllm import cpu_engine_env
+    from todi.services.backends.vllm import cpu_engine_env
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
@@ -430,8 +430,8 @@ def test_service_defaults_to_the_engines_one_temperature(vllm_t2, sequences, tmp
     gets 2 (not 1.0, which this engine cannot serve); naming another one is a 422."""
     from fastapi.testclient import TestClient
 
-    from services.api import create_app
-    from services.settings import ServiceSettings
+    from todi.services.api import create_app
+    from todi.services.settings import ServiceSettings
 
     settings = ServiceSettings(model=str(vllm_t2.model_dir), storage_root=tmp_path, api_key=None)
     dataset = tmp_path / "d.jsonl"
@@ -457,7 +457,7 @@ def test_service_defaults_to_the_engines_one_temperature(vllm_t2, sequences, tmp
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["state"] == "succeeded", job
-    from storage import open_shard_set
+    from todi.storage import open_shard_set
 
     assert open_shard_set(tmp_path / "t").signature.temperature == 2.0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from storage import open_shard_set, verify_shard_set
+from todi.storage import open_shard_set, verify_shard_set
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -179,7 +179,7 @@ def _run(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> 
 
 def _dataset(path: Path, rows: int, offset: int) -> Path:
     """JSONL rows of chatterbot-corpus prompt/response pairs (the package the demo uses)."""
-    from services.answers import chatterbot_prompts
+    from todi.services.answers import chatterbot_prompts
 
     prompts = chatterbot_prompts()
     with path.open("w") as f:

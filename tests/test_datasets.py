@@ -13,15 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.config import JobSpec
-from services.datasets import (
+from todi.services.config import JobSpec
+from todi.services.datasets import (
     DatasetError,
     EncodeStats,
     dataset_files,
     encode_rows,
     read_rows,
 )
-from storage import content_sample_id
+from todi.storage import content_sample_id
 
 CHAT = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -62,7 +62,7 @@ def template_ids(tok, messages, **kw) -> list[int]:
 
 
 def check_reference(rows, tok) -> None:
-    """The four ROWS encoded exactly as the rules in services.datasets say."""
+    """The four ROWS encoded exactly as the rules in todi.services.datasets say."""
     text, pair, chat, multi = rows
     assert text.prompt_len == 0
     assert text.input_ids.tolist() == tok(ROWS[0]["text"])["input_ids"]

@@ -35,7 +35,7 @@ def test_demo_fast_runs_the_whole_pipeline(tmp_path: Path, teacher_dir: Path) ->
     assert after["ce"] < before["ce"]
 
     # Every artifact the summary names exists and is usable.
-    from storage import open_shard_set, verify_shard_set
+    from todi.storage import open_shard_set, verify_shard_set
 
     for name in ("train", "heldout"):
         report = verify_shard_set(out / "shards" / name)

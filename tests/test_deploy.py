@@ -605,20 +605,15 @@ def click_default(call_path: str, param_name: str) -> Any:
 
 @cache
 def project_packages() -> tuple[str, ...]:
-    """Top-level import packages the distribution installs (pyproject's packages.find)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    include = pyproject["tool"]["setuptools"]["packages"]["find"].get("include", ["*"])
-    from fnmatch import fnmatch
-
-    return tuple(
-        sorted(
-            d.name
-            for d in ROOT.iterdir()
-            if d.is_dir()
-            and (d / "__init__.py").is_file()
-            and any(fnmatch(d.name, p) for p in include)
-        )
-    )
+    """Source folders of the packages the distribution installs (pyproject's packages, with
+    their package-dir mapping: `todi.storage` is the folder `storage/`)."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dir = setuptools.get("package-dir", {})
+    folders = {
+        package_dir.get(name, name.replace(".", "/")).split("/")[0]
+        for name in setuptools["packages"]
+    }
+    return tuple(sorted(d for d in folders if (ROOT / d / "__init__.py").is_file()))
 
 
 @cache
@@ -680,16 +675,16 @@ _HTTP_METHODS = {"get", "post", "put", "delete", "patch", "head", "options", "ap
 
 @cache
 def api_routes() -> frozenset[str]:
-    """Paths the teacher's FastAPI app (`services.api`) serves: its module-level app / router
+    """Paths the teacher's FastAPI app (`todi.services.api`) serves: its module-level app / router
     objects, and the routes declared in the module (the app is built by a factory)."""
     paths: set[str] = set()
     api_file = ROOT / "services" / "api.py"
     if not api_file.is_file():
         pytest.fail("services/api.py (the teacher's FastAPI app) does not exist yet", pytrace=False)
     try:
-        module = importlib.import_module("services.api")
+        module = importlib.import_module("todi.services.api")
     except Exception as exc:
-        pytest.fail(f"services.api does not import: {exc!r}", pytrace=False)
+        pytest.fail(f"todi.services.api does not import: {exc!r}", pytrace=False)
     for value in vars(module).values():
         if isinstance(value, type):
             continue
@@ -859,7 +854,7 @@ def test_every_ray_command_and_option_exists_in_ray() -> None:
 
 
 def test_embedded_model_names_exist() -> None:
-    from services.models import EMBEDDED_MODELS
+    from todi.services.models import EMBEDDED_MODELS
 
     calls = todi_calls("models prepare")
     assert calls, "no `todi models prepare` in the stack"

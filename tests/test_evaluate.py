@@ -12,8 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from services.models import tokenizer_fingerprint, weights_fingerprint
-from storage import (
+from todi.storage import (
     DEFAULT_CODEC,
     Sample,
     ShardSetMetadata,
@@ -22,8 +21,9 @@ from storage import (
     iter_batches,
     open_shard_set,
 )
-from trainer.eval_cli import register
-from trainer.evaluate import (
+from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
+from todi.trainer.eval_cli import register
+from todi.trainer.evaluate import (
     EvalError,
     encode_prompt,
     evaluate_batches,
@@ -164,7 +164,7 @@ def test_two_layer_student_is_clearly_worse(student_metrics, teacher_metrics):
     assert s["top1_agreement"] < 0.8
     assert s["ce"] > t["ce"] + 0.5
     assert s["perplexity"] == pytest.approx(math.exp(s["ce"]), rel=1e-12)
-    # beta = 1: the ToDi value equals FKL + RKL (method.md), so the three agree token by token.
+    # beta = 1: the ToDi value equals FKL + RKL (docs/method.md), so the three agree token by token.
     assert s["todi"] == pytest.approx(s["fkl"] + s["rkl"], rel=1e-4)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.config import JobSpec
-from services.jobs import (
+from todi.services.config import JobSpec
+from todi.services.jobs import (
     JobConflictError,
     JobLimitError,
     JobManager,
@@ -26,7 +26,7 @@ from services.jobs import (
     output_lock,
     run_precompute,
 )
-from storage import DEFAULT_CODEC, first_position, open_shard_set, verify_shard_set
+from todi.storage import DEFAULT_CODEC, first_position, open_shard_set, verify_shard_set
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_K = 4
@@ -64,7 +64,7 @@ def write_dataset(path: Path, n: int = 16) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_backend(teacher_dir):
-    from services.backends import create_backend
+    from todi.services.backends import create_backend
 
     backend = create_backend("hf", teacher_dir, token_budget=1024)
     yield backend
@@ -72,7 +72,7 @@ def hf_backend(teacher_dir):
 
 
 def expected_ids(path: Path, backend) -> set[str]:
-    from services.datasets import encode_rows, read_rows
+    from todi.services.datasets import encode_rows, read_rows
 
     rows = encode_rows(read_rows(path), backend.tokenizer, chat_template=False)
     return {r.sample_id for r in rows}
@@ -193,7 +193,7 @@ def wait_for_shards(manifest: Path, proc: subprocess.Popen, timeout: float = 240
 def test_sigkill_mid_job_then_recover(tmp_path, hf_backend, teacher_dir):
     root = tmp_path / "root"
     data = write_dataset(root / "data" / "d.jsonl", 16)
-    cmd = [sys.executable, "-m", "services.jobs", "--storage-root", str(root),
+    cmd = [sys.executable, "-m", "todi.services.jobs", "--storage-root", str(root),
            "--dataset", "data/d.jsonl", "--out", "sets/k", "--top-k", str(TOP_K),
            "--model", str(teacher_dir), "--batch-tokens", "40", "--no-chat-template",
            "--positions-per-shard", "20"]  # fmt: skip
@@ -297,7 +297,7 @@ def test_manager_jobs_paths_limits(tmp_path, hf_backend):
 
 @pytest.mark.timeout(400)
 def test_ray_two_actors_resume_partial_set(tmp_path, hf_backend, teacher_dir, ray_cluster):
-    from services.ray_precompute import run_ray_precompute
+    from todi.services.ray_precompute import run_ray_precompute
 
     data = write_dataset(tmp_path / "d.jsonl", 16)
     out = tmp_path / "set"

@@ -1,4 +1,4 @@
-"""The divergence library (trainer/losses.py) against method.md: golden values, gradients,
+"""The divergence library (trainer/losses.py) against docs/method.md: golden values, gradients,
 the sparse (top-k + tail) form, and properties."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.losses import (
+from todi.trainer.losses import (
     KINDS,
     TEACHER_TAIL_FLOOR,
     dense_divergence,
@@ -27,7 +27,7 @@ V2_TEACHER = [5.0, 1.0, 0.0, -1.0, -3.0]
 V2_STUDENT = [0.0, 0.0, 0.0, 0.0, 0.0]
 TOP2 = [0, 1]
 
-# (teacher, student, kind, beta, T, value) from method.md section 3.
+# (teacher, student, kind, beta, T, value) from docs/method.md, "Golden values".
 DENSE_GOLDEN = [
     (V1_TEACHER, V1_STUDENT, "fkl", 1.0, 1.0, 0.0578263),
     (V1_TEACHER, V1_STUDENT, "rkl", 1.0, 1.0, 0.0621026),
@@ -71,7 +71,7 @@ def _close(actual: float, expected: float, rel: float = 2e-5) -> None:
     assert actual == pytest.approx(expected, rel=rel, abs=1e-7)
 
 
-# ------------------------------------------------------------------ golden values (method.md)
+# ------------------------------------------------------------------ golden values (docs/method.md)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -131,7 +131,7 @@ def test_beta_one_value_is_fkl_plus_rkl_but_gradient_is_not():
 
 
 def _analytic_todi_grad(log_p, log_q, beta, temperature, bucket=None):
-    """method.md: g_v = -a p/q + (1-a)(log(q/p) + 1); dL/dz_j = q_j (g_j - sum_v q_v g_v) / T.
+    """docs/method.md: g_v = -a p/q + (1-a)(log(q/p) + 1); dL/dz_j = q_j (g_j - sum_v q_v g_v) / T.
 
     With `bucket` [N, V] (the outcome of each vocabulary entry) and log_p/log_q over outcomes,
     it is the coarsened form: dL/dz_j = q_j (g_{o(j)} - sum_o q_o g_o) / T, q_j per entry."""

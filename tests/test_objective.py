@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainer.losses import KINDS
-from trainer.objective import (
+from todi.trainer.losses import KINDS
+from todi.trainer.objective import (
     IGNORE_INDEX,
     HeadLossParts,
     chunked_head_loss,

@@ -26,7 +26,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from storage import (
+from todi.cli import app
+from todi.storage import (
     DEFAULT_CODEC,
     IGNORE_INDEX,
     Sample,
@@ -46,10 +47,9 @@ from storage import (
     verify_shard_set,
     write_shard,
 )
-from storage.codec import RowBlock
-from storage.manifest import ShardInfo
-from storage.schema import FOOTER_KEY, MANIFEST_NAME
-from todi.cli import app
+from todi.storage.codec import RowBlock
+from todi.storage.manifest import ShardInfo
+from todi.storage.schema import FOOTER_KEY, MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 1000
@@ -183,7 +183,7 @@ def test_metadata_in_every_footer_and_in_the_manifest(tmp_path: Path) -> None:
 def test_decode_table_mixes_rows_of_different_shards(tmp_path: Path, dictionary: bool) -> None:
     """What a Ray Data block may hold: rows of several files, each with its own codec table,
     as plain or dictionary chunks, or rebuilt from Python rows (the trainer's shuffle buffer)."""
-    from storage import decode_table
+    from todi.storage import decode_table
 
     samples = make_samples(20, seed=2)
     write_set(tmp_path, samples, positions_per_shard=150)
@@ -266,7 +266,7 @@ def test_cli_verify_subprocess(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import numpy as np
-    from storage import Sample, ShardSetMetadata, ShardSetWriter
+    from todi.storage import Sample, ShardSetMetadata, ShardSetWriter
 
     meta = ShardSetMetadata.model_validate_json({meta!r})
     rng = np.random.default_rng(0)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage import rans
-from storage.codec import (
+from todi.storage import rans
+from todi.storage.codec import (
     LOGPROB_FLOOR,
     CodecError,
     RansQ32,

@@ -16,11 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from services.jobs import teacher_shard_metadata
-from storage import DEFAULT_CODEC, Sample, ShardSetMetadata, ShardSetWriter, collate, open_shard_set
-from trainer.config import ConfigError, TrainConfig, load_config
-from trainer.data import DataError
-from trainer.train import FAULT_ENV, TrainError, train
+from todi.services.jobs import teacher_shard_metadata
+from todi.storage import (
+    DEFAULT_CODEC,
+    Sample,
+    ShardSetMetadata,
+    ShardSetWriter,
+    collate,
+    open_shard_set,
+)
+from todi.trainer.config import ConfigError, TrainConfig, load_config
+from todi.trainer.data import DataError
+from todi.trainer.train import FAULT_ENV, TrainError, train
 
 TOP_K = 16
 CODEC = DEFAULT_CODEC
@@ -88,7 +95,7 @@ def write_teacher_shards(
 @pytest.fixture(scope="session")
 def hf_teacher(teacher_dir):
     """The real teacher behind the `hf` backend (float32 on CPU), shared by the fixtures."""
-    from services.backends import create_backend
+    from todi.services.backends import create_backend
 
     backend = create_backend("hf", teacher_dir, max_top_k=64)
     yield backend
@@ -229,7 +236,7 @@ def test_cli_error_is_one_line(train_shards, tiny_student, tmp_path):
 
 
 def test_epoch_order_is_a_pure_function_of_seed_epoch_rank():
-    from trainer.data import LoaderSettings, RawRow, epoch_batches
+    from todi.trainer.data import LoaderSettings, RawRow, epoch_batches
 
     rng = np.random.default_rng(0)
     rows = [RawRow(f"r{i}", int(rng.integers(5, 200)), {}) for i in range(203)]
@@ -266,7 +273,7 @@ def test_epoch_order_is_a_pure_function_of_seed_epoch_rank():
 def test_student_from_teacher_layers(teacher_dir, tmp_path):
     from safetensors import safe_open
 
-    from trainer.student import build_student, layer_indices, save_student
+    from todi.trainer.student import build_student, layer_indices, save_student
 
     assert layer_indices(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
     model, tok = build_student(f"init:teacher={teacher_dir},layers=3")
@@ -283,10 +290,10 @@ def test_student_from_teacher_layers(teacher_dir, tmp_path):
 
 def test_offline_loss_equals_online_loss(train_shards, hf_teacher, tiny_student):
     """The same batch: stored top-k vs the teacher's live top-k, through the same objective."""
-    from trainer.objective import distillation_loss
-    from trainer.online import OnlineTeacher
-    from trainer.student import build_student
-    from trainer.train import StudentObjective, batch_sums
+    from todi.trainer.objective import distillation_loss
+    from todi.trainer.online import OnlineTeacher
+    from todi.trainer.student import build_student
+    from todi.trainer.train import StudentObjective, batch_sums
 
     source = open_shard_set(train_shards)
     meta = source.signature
@@ -321,10 +328,10 @@ def test_offline_loss_equals_online_loss(train_shards, hf_teacher, tiny_student)
 def test_dummy_batch_is_a_zero_gradient_pass(tiny_student):
     """A worker whose data ran out joins the step's synchronized backward with a dummy batch:
     its loss and every gradient must be exactly zero."""
-    from trainer.data import dummy_batch
-    from trainer.objective import distillation_loss
-    from trainer.student import build_student
-    from trainer.train import StudentObjective, batch_sums
+    from todi.trainer.data import dummy_batch
+    from todi.trainer.objective import distillation_loss
+    from todi.trainer.student import build_student
+    from todi.trainer.train import StudentObjective, batch_sums
 
     model, _ = build_student(tiny_student)
     objective = StudentObjective(model, kind="todi", beta=1.0, temperature=1.0, chunk_size=64)

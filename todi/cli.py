@@ -1,8 +1,22 @@
-"""The `todi` console script: one root app, subcommands registered by each package."""
+"""The `todi` console script: one root app; each package's CLI module adds its subcommands.
+
+The registrations are explicit: a missing or broken module is an import error here, never a
+silently absent command.
+"""
 
 from __future__ import annotations
 
+from functools import partial
+
 import typer
+
+from todi import demo
+from todi.services import cli as services_cli
+from todi.services.backends import create_backend
+from todi.services.models import embedded_model_path
+from todi.storage import cli as storage_cli
+from todi.trainer import cli as trainer_cli
+from todi.trainer import eval_cli
 
 app = typer.Typer(
     name="todi",
@@ -11,22 +25,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-def _register_all() -> None:
-    # Each package owns its subcommands; importing them here keeps this file conflict-free.
-    import importlib
-
-    for module in ("storage.cli", "services.cli", "trainer.cli", "trainer.eval_cli", "todi.demo"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app)
-
-
-_register_all()
+storage_cli.register(app)  # shards verify | inspect ...
+services_cli.register(app)  # models, serve, precompute
+# The trainer never imports the teacher service: the root wires the service's pieces in.
+trainer_cli.register(app, teacher_engine=partial(create_backend, "hf"))  # train
+eval_cli.register(app, resolve_model=embedded_model_path)  # eval
+demo.register(app)  # demo
 
 if __name__ == "__main__":
     app()

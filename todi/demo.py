@@ -26,8 +26,8 @@ from pathlib import Path
 import typer
 from pydantic import BaseModel
 
-from todi.cli_errors import UserError, fail
-from todi.paths import todi_home
+from todi.common.cli import UserError, fail
+from todi.common.paths import todi_home
 
 
 class DemoConfig(BaseModel):
@@ -169,8 +169,8 @@ def _precompute_over_rest(url: str, dataset: Path, out: str, cfg: DemoConfig) ->
 
 def run_demo(out: Path, cfg: DemoConfig) -> dict:
     """Run all six steps into `out`; return the summary (also written as summary.json)."""
-    from services.answers import chatterbot_prompts, generate_answers, write_split
-    from services.models import prepare_model
+    from todi.services.answers import chatterbot_prompts, generate_answers, write_split
+    from todi.services.models import prepare_model
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -1,13 +1,15 @@
-"""`todi train` (and, when present, `todi eval` from `trainer/eval_cli.py`)."""
+"""`todi train`."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from todi.cli_errors import user_errors
+from todi.common.cli import user_errors
 
 
 def train_command(
@@ -86,18 +88,12 @@ def train_command(
 ) -> None:
     """Train a student on a shard set with Ray Train (DDP), ToDi or another divergence."""
     overrides = {k: v for k, v in locals().items() if k != "config"}  # None = not given
-    from storage import ShardFormatError
-    from trainer.config import ConfigError, load_config
-    from trainer.data import DataError
-    from trainer.online import OnlineTeacherError
-    from trainer.student import StudentError
-    from trainer.train import TrainError, train
+    from todi.trainer.config import load_config
+    from todi.trainer.train import train
 
-    with user_errors(
-        ConfigError, DataError, StudentError, TrainError, ShardFormatError, OnlineTeacherError
-    ):
+    with user_errors():  # every TodiError (config, data, student, train, shards, teacher)
         cfg = load_config(config, overrides)
-        summary = train(cfg)
+        summary = train(cfg, teacher_engine=_teacher_engine)
     typer.echo(json.dumps(summary.to_dict()))
     typer.echo(
         f"model   {summary.model_dir}\nlog     {summary.log}\nplot    {summary.plot}\n"
@@ -108,15 +104,13 @@ def train_command(
     )
 
 
-def register(app: typer.Typer) -> None:
-    """Add `train` (and `eval`, when trainer/eval_cli.py exists) to the root app."""
-    app.command("train")(train_command)
-    import importlib
+# Starts `--online-teacher` engines in the workers; set by whoever registers the command (the
+# root CLI passes the teacher service's hf backend), so this package stays below the service.
+_teacher_engine: Callable[..., Any] | None = None
 
-    try:
-        eval_cli = importlib.import_module("trainer.eval_cli")
-    except ModuleNotFoundError as exc:
-        if exc.name != "trainer.eval_cli":
-            raise
-        return
-    eval_cli.register(app)
+
+def register(app: typer.Typer, *, teacher_engine: Callable[..., Any] | None = None) -> None:
+    """Add `train` to the root app (`eval` is `todi.trainer.eval_cli`)."""
+    global _teacher_engine
+    _teacher_engine = teacher_engine
+    app.command("train")(train_command)

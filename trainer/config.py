@@ -15,15 +15,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.losses import KINDS
+from todi.common.errors import TodiError
+from todi.trainer.losses import KINDS
 
 
-class ConfigError(ValueError):
+class ConfigError(TodiError, ValueError):
     """A configuration that cannot be used; the message names the field and the problem."""
 
 
 class TrainConfig(BaseModel):
-    """Student training on a shard set (see `trainer.train.train`)."""
+    """Student training on a shard set (see `todi.trainer.train.train`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 
-from storage import (
+from todi.common.errors import TodiError
+from todi.storage import (
     IGNORE_INDEX,
     Batch,
     ShardFormatError,
@@ -41,13 +42,13 @@ from storage import (
     open_shard_set,
     verify_shard_set,
 )
-from storage.batches import plan_batches
+from todi.storage.batches import plan_batches
 
 if TYPE_CHECKING:
-    from trainer.student import StudentInfo
+    from todi.trainer.student import StudentInfo
 
 
-class DataError(ValueError):
+class DataError(TodiError, ValueError):
     """A shard set that cannot be trained on as asked; the message names both sides."""
 
 

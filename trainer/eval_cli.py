@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from todi.cli_errors import fail, user_errors
+from todi.common.cli import fail, user_errors
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:
@@ -66,8 +67,7 @@ def eval_command(
     --generate, ROUGE-L of sampled answers over several seeds. Prints a table; writes JSON."""
     from transformers.utils import logging as hf_logging
 
-    from storage import ShardFormatError
-    from trainer.evaluate import GenerateOptions, evaluate
+    from todi.trainer.evaluate import GenerateOptions, evaluate
 
     gen = None
     if generate:
@@ -89,7 +89,7 @@ def eval_command(
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with user_errors(ShardFormatError, ValueError, OSError):
+        with user_errors(ValueError, OSError):
             report = evaluate(
                 shards,
                 models,
@@ -99,6 +99,7 @@ def eval_command(
                 max_samples=max_samples,
                 generate=gen,
                 device=device,
+                resolve_model=_resolve_model,
                 dtype=dtype,
                 progress=progress,
             )
@@ -116,7 +117,7 @@ def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from trainer.evaluate import report_table
+    from todi.trainer.evaluate import report_table
 
     lines = report_table(report)
     table = Table(title=f"todi eval: {report['shards']}")
@@ -127,6 +128,14 @@ def _print_table(report: dict) -> None:
     Console().print(table)
 
 
-def register(app: typer.Typer) -> None:
-    """Add `eval` to the root app."""
+# Maps a model name the trainer does not know (the teacher service's embedded models) to a
+# folder; set by whoever registers the command (the root CLI), so this package stays below
+# the teacher service.
+_resolve_model: Callable[[str], str] | None = None
+
+
+def register(app: typer.Typer, *, resolve_model: Callable[[str], str] | None = None) -> None:
+    """Add `eval` to the root app; `resolve_model` maps embedded model names to folders."""
+    global _resolve_model
+    _resolve_model = resolve_model
     app.command("eval")(eval_command)

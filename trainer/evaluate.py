@@ -6,7 +6,7 @@ padding do not count). At each such position the teacher is known through its st
 (ids S, log-probs normalized over the full vocabulary at the set's temperature T) plus the
 tail bucket; the student through its logits z, at the same T:
 
-    fkl   = FKL  of the coarsened (k + 1)-outcome distributions   (trainer.losses)
+    fkl   = FKL  of the coarsened (k + 1)-outcome distributions   (todi.trainer.losses)
     rkl   = RKL  of the same
     todi  = ToDi of the same, with the given beta (alpha_v = sigmoid(beta * log p_v / q_v))
     top1_agreement = [argmax_v z_v == S_1]   (the teacher's rank-1 id; independent of T)
@@ -34,22 +34,25 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from storage import Batch, ShardSet, ShardSetMetadata, open_shard_set
-from trainer.losses import sparse_divergence
+from todi.common.errors import TodiError
+from todi.storage import Batch, ShardSet, ShardSetMetadata, open_shard_set
+from todi.trainer.losses import sparse_divergence
 
 DIVERGENCE_KINDS = ("fkl", "rkl", "todi")
 DEFAULT_MAX_TOKENS = 2048
-DEFAULT_CHUNK_SIZE = 512
+# Positions per head chunk here: half the training default (losses.DEFAULT_CHUNK_SIZE, 1024),
+# since evaluation holds the [chunk, V] buffers of three divergences at once.
+EVAL_CHUNK_SIZE = 512
 
 
-class EvalError(ValueError):
+class EvalError(TodiError, ValueError):
     """An evaluation that cannot run as asked (mismatched student, bad prompt file...)."""
 
 
@@ -58,21 +61,25 @@ class EvalError(ValueError):
 
 
 def load_model(
-    spec: str | os.PathLike[str], *, device: str | None = None, dtype: str | None = None
+    spec: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    resolve: Callable[[str], str] | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a student SPEC, in eval mode on `device`.
 
-    SPEC is whatever `trainer.student.load_student` accepts (an HF folder,
-    `init:teacher=DIR,layers=N`, `init:config=FILE`), or an embedded teacher name of
-    `services.models` (e.g. `smollm2-135m-instruct`). `dtype` ("float32", "bfloat16",
-    "float16") defaults to float32: exact, and the dtype the shard targets were computed in.
+    SPEC is whatever `todi.trainer.student.load_student` accepts (an HF folder,
+    `init:teacher=DIR,layers=N`, `init:config=FILE`); `resolve` first maps other names to one
+    (`todi eval` passes the teacher service's embedded model names, e.g.
+    `smollm2-135m-instruct`). `dtype` ("float32", "bfloat16", "float16") defaults to float32:
+    exact, and the dtype the shard targets were computed in.
     """
-    from services.models import EMBEDDED_MODELS, prepare_model
-    from trainer.student import load_student
+    from todi.trainer.student import load_student
 
     spec = str(spec)
-    if spec in EMBEDDED_MODELS:
-        spec = str(prepare_model(spec))
+    if resolve is not None:
+        spec = resolve(spec)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dtype or "float32"
@@ -93,7 +100,7 @@ def check_compatible(metadata: ShardSetMetadata, model, tokenizer=None) -> int:
     """Refuse a model whose tokenizer or vocabulary differs from the shard set's.
 
     Returns the vocabulary limit V_lim: the student's softmax runs over head rows
-    [0, V_lim) (the trainer's rule, `trainer.data.check_pairing`, so evaluation sees the
+    [0, V_lim) (the trainer's rule, `todi.trainer.data.check_pairing`, so evaluation sees the
     distribution training optimized). With a tokenizer: its fingerprint must equal the set's
     tokenizer_sha256, and the head (V_s rows) and the set's vocab_size (V_t) may both exceed
     len(tokenizer) = V_tok (padded vocabularies such as 151936 vs 152064) but neither may be
@@ -107,9 +114,9 @@ def check_compatible(metadata: ShardSetMetadata, model, tokenizer=None) -> int:
                 "(pass the tokenizer to apply the padded-vocabulary rule)"
             )
         return v_s
-    from services.models import tokenizer_fingerprint
-    from trainer.data import DataError, check_pairing
-    from trainer.student import StudentInfo, StudentSpec, pad_token_id
+    from todi.storage.fingerprints import tokenizer_fingerprint
+    from todi.trainer.data import DataError, check_pairing
+    from todi.trainer.student import StudentInfo, StudentSpec, pad_token_id
 
     info = StudentInfo(
         spec=StudentSpec("folder", Path("<in memory>")),
@@ -176,7 +183,7 @@ def evaluate_shards(
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     max_samples: int | None = None,
     tokenizer=None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = EVAL_CHUNK_SIZE,
     full_logits: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -216,7 +223,7 @@ def evaluate_batches(
     beta: float = 1.0,
     max_samples: int | None = None,
     tokenizer=None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = EVAL_CHUNK_SIZE,
     full_logits: bool = False,
     progress: bool = False,
     total: int | None = None,
@@ -239,7 +246,7 @@ def evaluate_batches(
                 if max_samples is not None and sums.samples >= max_samples:
                     break
                 if max_samples is not None and sums.samples + len(batch.sample_ids) > max_samples:
-                    batch = _head_rows(batch, max_samples - sums.samples)
+                    batch = _first_samples(batch, max_samples - sums.samples)
                 _batch_stats(model, head, batch, sums, v_lim, device, beta, temperature, chunk_size)
                 sums.samples += len(batch.sample_ids)
                 if bar is not None:
@@ -271,7 +278,7 @@ def evaluate_batches(
     }
 
 
-def _head_rows(batch: Batch, keep: int) -> Batch:
+def _first_samples(batch: Batch, keep: int) -> Batch:
     return Batch(
         batch.input_ids[:keep],
         batch.attention_mask[:keep],
@@ -284,7 +291,7 @@ def _head_rows(batch: Batch, keep: int) -> Batch:
 
 def _linear_head(model) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:
     """(body, head weight, bias) when logits = body(x) @ W^T + b exactly, else None."""
-    from trainer.student import StudentError, body_and_head
+    from todi.trainer.student import StudentError, body_and_head
 
     config = model.config.get_text_config()
     for name in ("logit_scale", "logits_scaling"):  # heads that rescale after the matmul
@@ -576,6 +583,7 @@ def evaluate(
     generate: GenerateOptions | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    resolve_model: Callable[[str], str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate each named model SPEC (e.g. {"student": SPEC, "teacher": DIR}) on a shard set.
@@ -594,7 +602,7 @@ def evaluate(
     )
     loaded = {}
     for name, spec in models.items():
-        model, tokenizer = load_model(spec, device=device, dtype=dtype)
+        model, tokenizer = load_model(spec, device=device, dtype=dtype, resolve=resolve_model)
         check_compatible(shard_set.signature, model, tokenizer)
         loaded[name] = (spec, model, tokenizer)
     report: dict[str, Any] = {

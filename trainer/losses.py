@@ -1,6 +1,6 @@
 """Divergences between a teacher distribution p and a student distribution q.
 
-The math is `docs/method.md` of the shared notes. Everything is built on one core,
+The math is `docs/method.md`. Everything is built on one core,
 `outcome_divergence(kind, log_p, log_q)`, over a distribution on a finite set of *outcomes*:
 
 - dense (`dense_divergence`): the outcomes are the vocabulary entries,

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from trainer.losses import (
+from todi.storage.batches import IGNORE_INDEX
+from todi.trainer.losses import (
     DEFAULT_CHUNK_SIZE,
     _assemble_grad,
     _check_params,
@@ -33,9 +34,6 @@ from trainer.losses import (
     check_kind,
     reference_sparse_divergence,
 )
-
-IGNORE_INDEX = -100
-"""Label of positions that do not count (prompt, padding), as in torch's cross_entropy."""
 
 
 class HeadLossParts(NamedTuple):

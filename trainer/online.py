@@ -1,10 +1,12 @@
 """Online teacher mode (for comparison only): the same top-k targets, computed each step.
 
-The teacher runs in the training process through the project's `hf` backend (the same code
-that writes shards): for each sequence of the batch it returns log_softmax(logits / T) over
-the full vocabulary, top-k, row t predicting token t + 1. Those rows are put exactly where a
-shard's rows land in a `Batch` (the response positions, where labels != -100), so an online
-batch and the offline batch of the same samples differ only by what the shards store:
+The teacher runs in the training process through a teacher engine (the project's `hf`
+backend, the same code that writes shards; whoever starts the run passes the factory, so
+this package does not import the teacher service): for each sequence of the batch it returns
+log_softmax(logits / T) over the full vocabulary, top-k, row t predicting token t + 1. Those
+rows are put exactly where a shard's rows land in a `Batch` (the response positions, where
+labels != -100), so an online batch and the offline batch of the same samples differ only by
+what the shards store:
 
 - `quantize=False` (default): float32 targets. They differ from the shard values by the shard
   codec's rounding (the 1/32-nat codecs: at most 1/64 nat per log-prob) and so does the
@@ -17,29 +19,31 @@ batch and the offline batch of the same samples differ only by what the shards s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from storage import IGNORE_INDEX, Batch, Sample, ShardSetMetadata, decode_table, encode_table
+from todi.common.errors import TodiError
+from todi.storage import IGNORE_INDEX, Batch, Sample, ShardSetMetadata, decode_table, encode_table
 
 
-class OnlineTeacherError(ValueError):
+class OnlineTeacherError(TodiError, ValueError):
     """A teacher that does not match the shard set; the message names both values."""
 
 
-def _create_hf_backend(teacher_dir: str, **options):
-    from services.backends import create_backend
-
-    return create_backend("hf", teacher_dir, **options)
+# (teacher_dir, max_top_k=, device=, dtype=) -> a running engine with `.info`, `.topk()` and
+# `.close()`; `todi train` passes the `hf` backend's factory.
+TeacherFactory = Callable[..., Any]
 
 
 class OnlineTeacher:
     """Fills a Batch's top-k targets from a live HF teacher.
 
-    `teacher`: an HF folder (an `hf` backend is started, in float32, and closed by `close`)
-    or an already running backend (any kind; left open)."""
+    `teacher`: an HF folder, started in float32 with `engine` (a TeacherFactory) and closed
+    by `close`, or an already running engine (any kind; left open)."""
 
     def __init__(
         self,
@@ -49,9 +53,15 @@ class OnlineTeacher:
         quantize: bool = False,
         device: str | None = None,
         vocab_limit: int | None = None,
+        engine: TeacherFactory | None = None,
     ) -> None:
         if isinstance(teacher, str | Path):
-            self.backend = _create_hf_backend(
+            if engine is None:
+                raise OnlineTeacherError(
+                    f"online teacher {teacher}: no engine to start it with (pass `engine`; "
+                    "`todi train --online-teacher` passes the hf backend)"
+                )
+            self.backend = engine(
                 str(teacher), max_top_k=meta.top_k, device=device, dtype="float32"
             )
             self._owned = True

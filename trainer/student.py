@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from todi.common.errors import TodiError
+
 _LAYER_KEY = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<idx>\d+)(?P<post>\..*)$")
 _PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per decoder layer
 
 
-class StudentError(ValueError):
+class StudentError(TodiError, ValueError):
     """A student SPEC that cannot be used; the message names the SPEC part at fault."""
 
 
@@ -157,7 +159,7 @@ def load_tokenizer(spec: StudentSpec):
 
 def describe_student(spec: str | StudentSpec) -> StudentInfo:
     """Head size, tokenizer size and fingerprint, layer count: no weights are built."""
-    from services.models import tokenizer_fingerprint
+    from todi.storage.fingerprints import tokenizer_fingerprint
 
     parsed = spec if isinstance(spec, StudentSpec) else parse_student_spec(spec)
     config = _load_config(parsed)

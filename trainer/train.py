@@ -1,6 +1,6 @@
 """Student training on a shard set with Ray Train (`TorchTrainer`, DDP).
 
-The objective of one optimizer step (method.md, section 1):
+The objective of one optimizer step (docs/method.md, "The objective"):
 
     loss = ((1 - w) * sum_n CE_n + w * sum_n D(p_n || q_n)) / N_global
 
@@ -13,8 +13,9 @@ workers, so the result is exactly the gradient of the global mean (`loss_denomin
 
 The student's [positions, vocab] logits never exist at once: the base model runs to the
 last hidden state (no lm_head), the response positions are gathered, and
-`chunked_head_loss` computes logits chunk by chunk from the head weight (recomputing them
-in backward).
+`chunked_head_loss` computes logits chunk by chunk from the head weight. Training passes the
+step's kd_weight, so the fused path runs: forward also makes each chunk's gradients (as Liger's
+fused linear cross-entropy does) and backward only scales them; nothing is recomputed.
 
 Driver (`train`): checks the shard set and the student (tokenizer, vocabulary, temperature)
 before anything starts, materializes an `init:` student once as an HF folder, starts or
@@ -22,7 +23,7 @@ joins Ray, runs the `TorchTrainer`, streams per-step metrics from rank 0 through
 into `train_log.jsonl` and a tqdm bar, and exports the last checkpoint as `model/` (an HF
 folder) with `curves.png`.
 
-Workers (`_worker_loop`): data (see `trainer.data`), AdamW (weight decay on matrices only),
+Workers (`_worker_loop`): data (see `todi.trainer.data`), AdamW (weight decay on matrices only),
 cosine schedule with optional linear warm-up, grad-norm clipping, bf16 autocast, Ray Train
 checkpoints every N steps holding model, optimizer, scheduler, data position and RNG states.
 A restart (worker failure, `--resume`) loads the last checkpoint and skips the data stream
@@ -50,9 +51,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage import IGNORE_INDEX, Batch, ShardSetMetadata
-from trainer.config import TrainConfig, trajectory_differences
-from trainer.data import (
+from todi.common.errors import TodiError, first_line
+from todi.storage import IGNORE_INDEX, Batch, ShardSetMetadata
+from todi.storage.fs import is_uri
+from todi.trainer.config import TrainConfig, trajectory_differences
+from todi.trainer.data import (
     DataError,
     LoaderSettings,
     check_pairing,
@@ -64,8 +67,9 @@ from trainer.data import (
     padding_counts,
     raw_rows,
 )
-from trainer.objective import chunked_head_loss, distillation_loss, loss_denominator
-from trainer.student import (
+from todi.trainer.objective import chunked_head_loss, distillation_loss, loss_denominator
+from todi.trainer.online import TeacherFactory
+from todi.trainer.student import (
     StudentError,
     body_and_head,
     build_student,
@@ -84,7 +88,7 @@ FAULT_ENV = "TODI_TRAIN_FAULT"
 after optimizer step STEP, once (MARKER, a file path, records that it happened)."""
 
 
-class TrainError(RuntimeError):
+class TrainError(TodiError, RuntimeError):
     """A training run that could not start or finish; the message says why."""
 
 
@@ -98,7 +102,7 @@ class StudentObjective(nn.Module):
     The forward runs the base model (final norm included, no lm_head) to the last hidden
     state, keeps the response positions and hands them with the head weight to
     `chunked_head_loss`. The head is sliced to `vocab_limit` rows (the vocabulary rule in
-    `trainer.data.check_pairing`): padding rows are outside the softmax.
+    `todi.trainer.data.check_pairing`): padding rows are outside the softmax.
     """
 
     def __init__(
@@ -437,7 +441,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
 
     online = None
     if cfg.online_teacher:
-        from trainer.online import OnlineTeacher
+        from todi.trainer.online import OnlineTeacher
 
         online = OnlineTeacher(
             cfg.online_teacher,
@@ -445,6 +449,7 @@ def _worker_loop(lc: dict[str, Any]) -> None:
             quantize=cfg.online_quantize,
             device=str(device),
             vocab_limit=lc["vocab_limit"],
+            engine=lc["teacher_engine"],
         )
 
     settings = LoaderSettings(
@@ -699,7 +704,7 @@ def jemalloc_path() -> str | None:
 
 
 def _absolute_local(location: str) -> str:
-    return location if "://" in location else str(Path(location).absolute())
+    return location if is_uri(location) else str(Path(location).absolute())
 
 
 def _schedule_total(cfg: TrainConfig, rows: int) -> int:
@@ -738,12 +743,20 @@ def _use_gpu(cfg: TrainConfig) -> bool:
 
 
 def _root_error(exc: BaseException) -> str:
-    """The first line of the innermost worker error, for a one-line CLI message."""
-    text = str(exc)
-    for marker in ("DataError: ", "TrainError: ", "StudentError: ", "OnlineTeacherError: "):
-        if marker in text:
-            return text.rsplit(marker, 1)[1].splitlines()[0]
-    lines = [x for x in text.splitlines() if x.strip()]
+    """The first line of the worker's own error, for a one-line CLI message.
+
+    Ray reports worker failures as `worker_failures` (rank -> exception); a task error wraps
+    the original exception as `.cause`. The first TodiError found (bad data, student, ...) is
+    the message; anything else is reported by the last line of Ray's text.
+    """
+    pending: list[BaseException] = [exc, *getattr(exc, "worker_failures", {}).values()]
+    while pending:
+        err = pending.pop(0)
+        if isinstance(err, TodiError) and not hasattr(err, "worker_failures"):
+            cause = getattr(err, "cause", None)  # a RayTaskError posing as its cause's type
+            return first_line(cause if isinstance(cause, TodiError) else err)
+        pending += [e for e in (getattr(err, "cause", None), err.__cause__) if e is not None]
+    lines = [x for x in str(exc).splitlines() if x.strip()]
     return lines[-1] if lines else type(exc).__name__
 
 
@@ -777,8 +790,12 @@ def prepare_run(cfg: TrainConfig):
     return shard_set, pairing, student
 
 
-def train(cfg: TrainConfig) -> TrainSummary:
-    """Run (or resume) a training job; see the module docstring."""
+def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> TrainSummary:
+    """Run (or resume) a training job; see the module docstring.
+
+    `teacher_engine` starts the `--online-teacher` (e.g. the teacher service's hf backend
+    factory; `todi train` passes it): this package never imports the teacher service.
+    """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -787,6 +804,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     t0 = time.perf_counter()
     cfg = cfg.model_copy(update={"shards": _absolute_local(cfg.shards)})
     if cfg.online_teacher:
+        if teacher_engine is None:
+            raise TrainError("online_teacher: needs a teacher engine (train(cfg, teacher_engine=))")
         cfg = cfg.model_copy(update={"online_teacher": _absolute_local(cfg.online_teacher)})
     shard_set, pairing, student = prepare_run(cfg)
 
@@ -850,7 +869,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        from trainer.data import build_dataset
+        from todi.trainer.data import build_dataset
 
         dataset = build_dataset(shard_set, seed=cfg.seed)
         with warnings.catch_warnings():  # Ray's own defaults trip its deprecation warning
@@ -868,6 +887,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             "pad_id": student.pad_id,
             "total_steps": total,
             "queue": queue,
+            "teacher_engine": teacher_engine,
         }
         trainer = TorchTrainer(
             _worker_loop,
@@ -922,7 +942,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     plot = None
     log_path = out / LOG_NAME
     if records:
-        from trainer.plots import plot_log
+        from todi.trainer.plots import plot_log
 
         plot = str(plot_log(log_path, out / PLOT_NAME, title=f"{cfg.loss} · {cfg.student}"))
     metrics = result.metrics or {}

@@ -12,7 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
+from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
 
 BACKENDS = ("hf", "vllm", "remote")
 
@@ -21,15 +21,15 @@ __all__ = ["BACKENDS", "BackendError", "TeacherBackend", "TeacherInfo", "TopK", 
 
 def _backend_class(kind: str) -> type[TeacherBackend]:
     if kind == "hf":
-        from services.backends.hf import HFBackend
+        from todi.services.backends.hf import HFBackend
 
         return HFBackend
     if kind == "vllm":
-        from services.backends.vllm import VLLMBackend
+        from todi.services.backends.vllm import VLLMBackend
 
         return VLLMBackend
     if kind == "remote":
-        from services.backends.remote import RemoteBackend
+        from todi.services.backends.remote import RemoteBackend
 
         return RemoteBackend
     raise BackendError("backend", f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from todi.common.errors import TodiError
+from todi.storage.schema import TopK
+
 
 @dataclass(frozen=True)
 class TeacherInfo:
@@ -32,8 +35,8 @@ class TeacherInfo:
     model: str  # model id (folder name or given name)
     backend: str  # "hf" | "vllm" | "remote"
     vocab_size: int  # size of the model's output head (logits dimension)
-    tokenizer_sha256: str  # services.models.tokenizer_fingerprint
-    weights_sha256: str  # services.models.weights_fingerprint, or "remote:<url>:<model>"
+    tokenizer_sha256: str  # todi.storage.fingerprints.tokenizer_fingerprint
+    weights_sha256: str  # todi.storage.fingerprints.weights_fingerprint, or "remote:<url>:<model>"
     max_top_k: int
     max_model_len: int  # longest sequence (tokens) topk() accepts
     logprobs_mode: str  # how the log-probs were made, e.g. "raw_logprobs", "log_softmax_fp32"
@@ -52,15 +55,7 @@ class TeacherInfo:
         return d
 
 
-@dataclass
-class TopK:
-    """Top-k teacher predictions for one sequence of length L."""
-
-    ids: np.ndarray  # int32 [L-1, k], ranks 1..k by descending log-prob; row t predicts t+1
-    logprobs: np.ndarray  # float32 [L-1, k], normalized over the full vocabulary at T
-
-
-class BackendError(ValueError):
+class BackendError(TodiError, ValueError):
     """A request this backend cannot serve (bad ids, top_k, temperature, length).
 
     `field` names the request field (`input_ids`, `top_k`, `temperature`, ...); the message

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
-from services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
+from todi.services.models import resolve_model
+from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 _DTYPES = {
     "float32": "float32",

@@ -11,7 +11,7 @@ the codec stores it at its floor).
 
 The server's temperature cannot be observed (prompt log-probs ignore the sampling
 temperature): the user declares it (`temperature`, default 1.0). To serve T != 1, start
-`vllm serve` on a tempered folder (`python -m services.tempering DIR -t T`) and declare T.
+`vllm serve` on a tempered folder (`python -m todi.services.tempering DIR -t T`) and declare T.
 The server must be started with `--max-logprobs >= max_top_k` (checked at start-up).
 
 The tokenizer and vocabulary size come from a local copy of the teacher folder (`model`),
@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
-from services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+from todi.common.errors import TodiError
+from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
+from todi.services.models import resolve_model
+from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 _NEG_INF_SENTINEL = -9999.0  # vLLM's JSON stand-in for -inf (kept: a zero probability)
 
@@ -66,7 +68,7 @@ def vllm_serve_command(
     return head + args + ["--logprobs-mode", "raw_logprobs", *(extra or [])]
 
 
-class RemoteError(RuntimeError):
+class RemoteError(TodiError, RuntimeError):
     """The server failed (not a bad request): unreachable, 5xx, or a malformed answer."""
 
 
@@ -179,7 +181,7 @@ class RemoteBackend(TeacherBackend):
         return (
             f"{temperature:g} is not served: the remote server at {self.url} is declared to "
             f"serve temperature {self.temperature:g}. Serve a tempered folder "
-            f"(python -m services.tempering DIR -t {temperature:g}) with `vllm serve` and "
+            f"(python -m todi.services.tempering DIR -t {temperature:g}) with `vllm serve` and "
             f"declare temperature={temperature:g}"
         )
 

