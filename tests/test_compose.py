@@ -439,7 +439,10 @@ def test_teacher_health_follows_its_engine(stack):
     """Kill the vLLM engine core inside the teacher container: /healthz says so (503)."""
     killer = (
         "import os, signal\n"
+        "me = str(os.getpid())\n"
         "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    if p == me:\n"
+        "        continue\n"
         "    try:\n"
         "        cmd = open(f'/proc/{p}/cmdline', 'rb').read()\n"
         "    except OSError:\n"
