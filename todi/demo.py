@@ -137,8 +137,9 @@ class _Service:
 
 
 def _precompute_over_rest(url: str, dataset: Path, out: str, cfg: DemoConfig) -> dict:
-    import httpx
     from tqdm import tqdm
+
+    from todi.services.job_client import JobClient
 
     body = {
         "dataset": str(dataset),
@@ -148,23 +149,23 @@ def _precompute_over_rest(url: str, dataset: Path, out: str, cfg: DemoConfig) ->
         "max_seq_len": cfg.max_seq_len,
     }
     print(f"POST {url}/v1/jobs {json.dumps(body)}", flush=True)
-    r = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
-    if r.status_code != 202:
-        raise UserError(f"job submission refused: HTTP {r.status_code} {r.text}")
-    job_id = r.json()["job_id"]
     bar = tqdm(desc=f"precompute {out}", unit="tok", dynamic_ncols=True)
-    while True:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+
+    def show(job: dict) -> None:
         if job.get("tokens_total"):
             bar.total = job["tokens_total"]
         bar.n = job.get("tokens_done", 0)
         bar.refresh()
-        if job["state"] in {"succeeded", "failed", "cancelled"}:
-            bar.close()
-            if job["state"] != "succeeded":
-                raise UserError(f"precompute job {job_id} {job['state']}: {job.get('error')}")
-            return job
-        time.sleep(1)
+
+    try:
+        with JobClient(url, timeout=30) as client:
+            job_id = client.submit(body)["job_id"]
+            job = client.wait(job_id, poll=1.0, on_progress=show)
+    finally:
+        bar.close()
+    if job["state"] != "succeeded":
+        raise UserError(f"precompute job {job_id} {job['state']}: {job.get('error')}")
+    return job
 
 
 def run_demo(out: Path, cfg: DemoConfig) -> dict:

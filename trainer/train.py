@@ -54,6 +54,7 @@ from torch import nn
 from todi.common.errors import TodiError, first_line
 from todi.storage import IGNORE_INDEX, Batch, ShardSetMetadata
 from todi.storage.fs import is_uri
+from todi.trainer.chunked import chunked_head_loss
 from todi.trainer.config import TrainConfig, trajectory_differences
 from todi.trainer.data import (
     DataError,
@@ -67,7 +68,7 @@ from todi.trainer.data import (
     padding_counts,
     raw_rows,
 )
-from todi.trainer.objective import chunked_head_loss, distillation_loss, loss_denominator
+from todi.trainer.objective import distillation_loss, loss_denominator
 from todi.trainer.online import TeacherFactory
 from todi.trainer.student import (
     StudentError,
