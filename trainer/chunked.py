@@ -50,7 +50,11 @@ _FAST_TAIL_LOG: Final = 40.0
 def _check_sparse(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> None:
     if student_logits.dim() != 2:
         raise ValueError(f"student logits must be [N, V], got {tuple(student_logits.shape)}")
-    n, v = student_logits.shape
+    _check_topk(topk_ids, topk_logprobs, *student_logits.shape)
+
+
+def _check_topk(topk_ids: Tensor, topk_logprobs: Tensor, n: int, v: int) -> None:
+    """topk_ids [n, k] (long, k <= v) and topk_logprobs of the same shape."""
     if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape != topk_logprobs.shape:
         raise ValueError(
             f"expected top-k ids and log-probs of shape [{n}, k], got "
@@ -663,15 +667,7 @@ def _check_head(
         raise ValueError(f"head bias must be [{v}], got {tuple(head_bias.shape)}")
     if tuple(labels.shape) != (n,) or labels.dtype != torch.long:
         raise ValueError(f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape != topk_logprobs.shape:
-        raise ValueError(
-            f"expected top-k ids and log-probs of shape [{n}, k], got "
-            f"{tuple(topk_ids.shape)} and {tuple(topk_logprobs.shape)}"
-        )
-    if topk_ids.dtype != torch.long:
-        raise ValueError(f"top-k ids must be int64 (torch.long), got {topk_ids.dtype}")
-    if topk_ids.shape[1] > v:
-        raise ValueError(f"k = {topk_ids.shape[1]} exceeds the vocabulary size {v}")
+    _check_topk(topk_ids, topk_logprobs, n, v)
 
 
 def chunked_head_loss(
