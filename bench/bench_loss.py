@@ -5,8 +5,8 @@ tail, default ToDi at the paper's T = 2) as a mean over N positions, from the la
 [N, H] and the head [V, H], forward and backward (gradients of hidden and head):
 
 - naive:   logits = hidden @ W^T as one [N, V] tensor, plain autograd
-           (`todi.trainer.objective.reference_head_loss`);
-- chunked: `todi.trainer.objective.chunked_head_loss(..., kd_weight=0.5)`, chunk_size rows at a
+           (`todi.trainer.chunked.reference_head_loss`);
+- chunked: `todi.trainer.chunked.chunked_head_loss(..., kd_weight=0.5)`, chunk_size rows at a
            time, the gradients made chunk-wise during forward (the trainer's path);
 - chunked_recompute: the same without kd_weight: backward recomputes each chunk's logits
            (one more head matmul).
@@ -73,7 +73,8 @@ def _child(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from todi.trainer.objective import chunked_head_loss, distillation_loss, reference_head_loss
+    from todi.trainer.chunked import chunked_head_loss, reference_head_loss
+    from todi.trainer.objective import distillation_loss
 
     torch.manual_seed(args.seed)
     n, v, h, k, t = args.positions, args.vocab, args.hidden, args.k, args.temperature

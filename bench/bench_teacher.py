@@ -76,7 +76,7 @@ def _child(args: argparse.Namespace) -> dict:
     from todi.services.backends import create_backend
     from todi.services.config import JobSpec
     from todi.services.datasets import encode_rows, read_rows
-    from todi.services.jobs import batched, effective_max_len, run_precompute
+    from todi.services.precompute import batched, effective_max_len, run_precompute
 
     kind = args.child
     options: dict = {}

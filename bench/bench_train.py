@@ -51,7 +51,7 @@ def _texts(n: int, words: int, seed: int) -> list[tuple[str, str]]:
 
 def build_shards(teacher_dir: Path, out: Path, *, seqs: int, seq_len: int, top_k: int) -> float:
     from todi.services.backends import create_backend
-    from todi.services.jobs import teacher_shard_metadata
+    from todi.services.precompute import teacher_shard_metadata
     from todi.storage import ShardSetWriter
     from todi.storage.schema import Sample
 

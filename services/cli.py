@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +95,9 @@ def serve(
     from pydantic import ValidationError
 
     from todi.common.paths import todi_home
+    from todi.common.validation import validation_message
     from todi.services.api import create_app
     from todi.services.backends import create_backend
-    from todi.services.config import validation_message
     from todi.services.settings import ServiceSettings
 
     options = _parse_options(option)
@@ -232,29 +230,10 @@ def _update_bar(bar, p: dict[str, Any]) -> None:
 def _precompute_remote(
     server: str, body: dict[str, Any], *, detach: bool, poll: float, show: bool
 ) -> dict[str, Any] | None:
-    import httpx
+    from todi.services.job_client import JobClient
 
-    from todi.services.settings import API_KEY_ENV
-
-    key = os.environ.get(API_KEY_ENV)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    base = server.rstrip("/")
-
-    def call(client: httpx.Client, method: str, path: str, **kw: Any) -> dict[str, Any]:
-        try:
-            r = client.request(method, base + path, **kw)
-        except httpx.HTTPError as exc:
-            raise fail(f"cannot reach {base}: {exc}") from None
-        try:
-            data = r.json()
-        except ValueError:
-            data = {"detail": r.text[:200]}
-        if r.status_code >= 400:
-            raise fail(f"{method} {path}: HTTP {r.status_code}: {data.get('detail', data)}")
-        return data
-
-    with httpx.Client(headers=headers, timeout=60.0) as client:
-        job = call(client, "POST", "/v1/jobs", json=body)
+    with user_errors(), JobClient(server) as client:
+        job = client.submit(body)
         job_id = job["job_id"]
         print(f"job {job_id} -> {job.get('out')}", file=sys.stderr, flush=True)
         if detach:
@@ -262,16 +241,11 @@ def _precompute_remote(
             return None
         bar = _bar(show)
         try:
-            while True:
-                p = call(client, "GET", f"/v1/jobs/{job_id}")
-                _update_bar(bar, p)
-                if p.get("state") in ("succeeded", "failed", "cancelled"):
-                    return p
-                time.sleep(poll)
+            return client.wait(job_id, poll=poll, on_progress=lambda p: _update_bar(bar, p))
         except KeyboardInterrupt:
             bar.close()
             print(f"interrupted: cancelling job {job_id}", file=sys.stderr)
-            call(client, "DELETE", f"/v1/jobs/{job_id}")
+            client.cancel(job_id)
             raise typer.Exit(code=130) from None
         finally:
             bar.close()
@@ -282,10 +256,11 @@ def _precompute_local(
 ) -> dict[str, Any]:
     from pydantic import ValidationError
 
+    from todi.common.validation import validation_message
     from todi.services.api import _progress_dict
     from todi.services.backends import create_backend
-    from todi.services.config import JobSpec, validation_message
-    from todi.services.jobs import run_precompute
+    from todi.services.config import JobSpec
+    from todi.services.jobs import run_job
 
     try:
         spec = JobSpec.model_validate({k: v for k, v in body.items() if v is not None})
@@ -306,21 +281,13 @@ def _precompute_local(
             _update_bar(bar, _progress_dict(p))
 
         try:
-            if engine is None:
-                from todi.services.ray_precompute import run_ray_precompute
-
-                result["progress"] = run_ray_precompute(
-                    spec,
-                    backend=backend,
-                    model=model,
-                    backend_options=options,
-                    on_progress=on_progress,
-                    cancel=cancel,
-                )
-            else:
-                result["progress"] = run_precompute(
-                    spec, engine, on_progress=on_progress, cancel=cancel
-                )
+            result["progress"] = run_job(
+                spec,
+                engine,
+                ray_backend=(backend, model, options),
+                on_progress=on_progress,
+                cancel=cancel,
+            )
         except BaseException as exc:
             result["error"] = exc
 

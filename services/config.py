@@ -88,15 +88,3 @@ class JobSpec(BaseModel):
             for k in IDENTITY_FIELDS
             if k in recorded and recorded.get(k) != mine[k]
         ]
-
-
-def validation_message(exc: Exception) -> str:
-    """One line naming the field for a pydantic ValidationError (else str(exc))."""
-    errors = getattr(exc, "errors", None)
-    if not callable(errors):
-        return str(exc)
-    parts = []
-    for e in errors():
-        where = ".".join(str(p) for p in e.get("loc", ())) or "spec"
-        parts.append(f"{where}: {e.get('msg')}")
-    return "; ".join(parts)

@@ -1,20 +1,10 @@
-"""Precompute jobs: score a dataset with the teacher and write a resumable shard set.
-
-`run_precompute` runs one job in this process:
-
-1. reads the existing set at `out` (if any): its sample ids in whole (committed) shards are
-   done and are skipped, so a re-run computes only what is missing and every sample ends up
-   exactly once, whether the last run finished, was cancelled, or was killed with SIGKILL;
-2. a cheap first pass over the rows (tokenization only) gives the totals and catches bad
-   rows and duplicate ids before the teacher runs;
-3. the second pass sends batches of at most `batch_tokens` tokens to `backend.topk`, keeps
-   rows first_position .. L-2 of each TopK (the stored positions, see `todi.storage.schema`) and
-   writes through `storage.ShardSetWriter`, which commits a shard every
-   `positions_per_shard` positions; the set is marked complete at the end.
+"""Precompute jobs behind the service: a queue, JSON records, recovery, mode dispatch.
 
 `JobManager` runs jobs on a background thread over one shared backend and keeps a JSON
 record per job under `<storage_root>/.todi-jobs/`, so that after a restart (even kill -9)
-`recover()` re-queues the jobs that were queued or running and they resume as above.
+`recover()` re-queues the jobs that were queued or running and they resume (see
+`todi.services.precompute`, which runs one job). `run_job` sends a job to the mode it asks
+for: in this process or on a Ray cluster (`todi.services.ray_precompute`).
 """
 
 from __future__ import annotations
@@ -27,391 +17,61 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-from pydantic import BaseModel, Field
-
-from todi.common.errors import TodiError
 from todi.services.config import JobSpec
-from todi.services.datasets import DatasetError, EncodedRow, EncodeStats, encode_rows, read_rows
-from todi.storage import (
-    DEFAULT_CODEC,
-    NoManifestError,
-    Sample,
-    ShardFormatError,
-    ShardSetMetadata,
-    ShardSetWriter,
-    commit_shards,
-    first_position,
-    open_shard_set,
+from todi.services.datasets import DatasetError
+from todi.services.precompute import (
+    ACTIVE_STATES,
+    JobConflictError,
+    JobError,
+    JobLimitError,
+    JobNotFoundError,
+    JobPathError,
+    JobProgress,
+    JobState,
+    run_precompute,
 )
+from todi.storage import ShardFormatError
 from todi.storage.fs import is_uri
 
 log = logging.getLogger(__name__)
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-ACTIVE_STATES = ("queued", "running")
 JOBS_DIR = ".todi-jobs"
-LOCK_NAME = ".todi-job.lock"
 
 
-class JobError(TodiError, ValueError):
-    """A job that cannot run as asked (conflicting output, bad backend output)."""
-
-
-class JobPathError(JobError):
-    """An output (or dataset) path outside the allowed root: `..`, absolute, symlink escape."""
-
-
-class JobLimitError(JobError):
-    """Too many queued/running jobs (HTTP 429)."""
-
-
-class JobConflictError(JobError):
-    """Another job (or a set written by one) with different parameters owns this output."""
-
-
-class JobNotFoundError(TodiError, KeyError):
-    """No job with this id."""
-
-    def __str__(self) -> str:
-        return f"no job {self.args[0]!r}"
-
-
-class JobProgress(BaseModel):
-    """The state of one job, as `GET /v1/jobs/{id}` shows it."""
-
-    job_id: str
-    state: JobState = "queued"
-    name: str | None = None
-    dataset: str = ""
-    out: str = ""
-    sequences_done: int = 0
-    sequences_total: int | None = None  # None until the first pass has counted
-    tokens_done: int = 0
-    tokens_total: int | None = None
-    resumed_sequences: int = 0  # already in the set when this run started
-    tokens_per_second: float = 0.0  # this run's teacher throughput (tokens of sequences)
-    eta_seconds: float | None = None
-    shards: int = 0
-    truncated: int = 0
-    empty_rows: int = 0
-    empty_row_numbers: list[int] = Field(default_factory=list)
-    dropped_long_prompt: int = 0
-    dropped_row_numbers: list[int] = Field(default_factory=list)
-    duplicates: int = 0
-    error: str | None = None
-    created_at: float = Field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE_STATES
-
-    def apply_stats(self, stats: EncodeStats) -> None:
-        self.truncated = stats.truncated
-        self.empty_rows = stats.empty
-        self.empty_row_numbers = list(stats.empty_rows)
-        self.dropped_long_prompt = stats.dropped_long_prompt
-        self.dropped_row_numbers = list(stats.dropped_rows)
-        self.duplicates = stats.duplicates
-
-
-# ----------------------------------------------------------------------------------------
-# One job in this process
-# ----------------------------------------------------------------------------------------
-
-
-def shard_metadata(info: Any, spec: JobSpec) -> ShardSetMetadata:
-    """The shard-set metadata for a job run by a backend with `info` (a TeacherInfo)."""
-    return teacher_shard_metadata(info, top_k=spec.top_k, temperature=spec.temperature)
-
-
-def teacher_shard_metadata(
-    info: Any, *, top_k: int, temperature: float, codec: str = DEFAULT_CODEC
-) -> ShardSetMetadata:
-    """The metadata of a set of top-k from a backend with `info` (a TeacherInfo)."""
-    return ShardSetMetadata(
-        teacher_model=info.model,
-        teacher_fingerprint=info.weights_sha256,
-        tokenizer_sha256=info.tokenizer_sha256,
-        vocab_size=info.vocab_size,
-        top_k=top_k,
-        temperature=temperature,
-        logprobs_mode=info.logprobs_mode,
-        backend=info.backend,
-        codec=codec,
-    )
-
-
-def _normalized(spec: JobSpec) -> JobSpec:
-    """The spec with absolute local paths (what the manifest records and compares)."""
-    update = {
-        name: str(Path(value).absolute())
-        for name, value in (("dataset", spec.dataset), ("out", spec.out))
-        if not is_uri(value)
-    }
-    return spec.model_copy(update=update)
-
-
-def effective_max_len(spec: JobSpec, info: Any) -> int:
-    """max_seq_len, capped by what the backend accepts (longer rows are cut and counted)."""
-    limit = int(info.max_model_len)
-    return min(spec.max_seq_len, limit) if spec.max_seq_len else limit
-
-
-def existing_sample_ids(spec: JobSpec, metadata: ShardSetMetadata) -> set[str]:
-    """Ids in the whole shards of the set at `spec.out` (empty if none), after checking that
-    the set was written by the same kind of job (same signature and job identity)."""
-    if not (Path(spec.out) / "manifest.json").exists() and not is_uri(spec.out):
-        return set()
-    try:
-        shard_set = open_shard_set(spec.out)
-    except NoManifestError:
-        return set()
-    diffs = shard_set.signature.signature_differences(metadata)
-    if diffs:
-        raise JobConflictError(
-            f"{spec.out}: holds a shard set written with another teacher signature "
-            f"(existing != this job): {'; '.join(diffs)}; choose another output",
-            field="out",
-        )
-    recorded = shard_set.manifest.job or {}
-    diffs = spec.identity_differences(recorded)
-    if diffs:
-        raise JobConflictError(
-            f"{spec.out}: holds a shard set written by a different job (existing != this "
-            f"job): {'; '.join(diffs)}; resume it with the same parameters or choose another "
-            f"output",
-            field="out",
-        )
-    return shard_set.sample_ids()
-
-
-def job_rows(
-    spec: JobSpec, tokenizer: Any, max_len: int, stats: EncodeStats
-) -> Iterator[EncodedRow]:
-    """The job's dataset, read and tokenized the way every pass over it must see it."""
-    return encode_rows(
-        read_rows(spec.dataset),
-        tokenizer,
-        max_seq_len=max_len,
-        chat_template=spec.chat_template,
-        stats=stats,
-    )
-
-
-def count_rows(
-    spec: JobSpec, tokenizer: Any, max_len: int, done: set[str]
-) -> tuple[EncodeStats, int, int]:
-    """First pass: (stats, sequences already done, their tokens). Tokenization only."""
-    stats = EncodeStats()
-    done_seqs = done_tokens = 0
-    for row in job_rows(spec, tokenizer, max_len, stats):
-        if row.sample_id in done:
-            done_seqs += 1
-            done_tokens += row.num_tokens
-    return stats, done_seqs, done_tokens
-
-
-def to_samples(rows: list[EncodedRow], results: list[Any], top_k: int) -> list[Sample]:
-    """Samples from rows and their TopK (L-1 rows each): keep rows first_position .. L-2."""
-    if len(results) != len(rows):
-        raise JobError(f"backend returned {len(results)} results for {len(rows)} sequences")
-    samples = []
-    for row, res in zip(rows, results, strict=True):
-        want = (row.num_tokens - 1, top_k)
-        if tuple(res.ids.shape) != want or tuple(res.logprobs.shape) != want:
-            raise JobError(
-                f"backend returned top-k of shape {tuple(res.ids.shape)} for sample "
-                f"{row.sample_id!r}, expected {want}"
-            )
-        fp = first_position(row.prompt_len)
-        samples.append(
-            Sample(
-                sample_id=row.sample_id,
-                input_ids=row.input_ids,
-                prompt_len=row.prompt_len,
-                topk_ids=np.ascontiguousarray(res.ids[fp:], dtype=np.int32),
-                topk_logprobs=np.ascontiguousarray(res.logprobs[fp:], dtype=np.float32),
-            )
-        )
-    return samples
-
-
-def batched(rows: Any, batch_tokens: int) -> Any:
-    """Group rows into lists whose token sum is <= batch_tokens (a longer row goes alone)."""
-    batch: list[EncodedRow] = []
-    tokens = 0
-    for row in rows:
-        if batch and tokens + row.num_tokens > batch_tokens:
-            yield batch
-            batch, tokens = [], 0
-        batch.append(row)
-        tokens += row.num_tokens
-    if batch:
-        yield batch
-
-
-class _Clock:
-    """tokens/s and ETA for the work done in this run."""
-
-    def __init__(self, progress: JobProgress) -> None:
-        self.progress = progress
-        self.start = time.monotonic()
-        self.tokens = 0
-
-    def add(self, sequences: int, tokens: int) -> None:
-        p = self.progress
-        self.tokens += tokens
-        p.sequences_done += sequences
-        p.tokens_done += tokens
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        p.tokens_per_second = self.tokens / elapsed
-        if p.tokens_total is not None and p.tokens_per_second > 0:
-            p.eta_seconds = max(p.tokens_total - p.tokens_done, 0) / p.tokens_per_second
-
-
-@contextlib.contextmanager
-def output_lock(out: str) -> Iterator[None]:
-    """Hold an exclusive lock on the output set while a job writes it (local paths).
-
-    Two writers of the same set at once could both compute a sample missing from the
-    manifest and commit it twice; the lock makes the second one fail fast instead. It is a
-    flock, so the kernel drops it when the holder dies (kill -9 included).
-    """
-    if is_uri(out):
-        yield  # object stores: the caller (one driver) is the only writer
-        return
-    import fcntl
-
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fd = os.open(os.path.join(out, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobConflictError(
-                f"out: {out} is being written by another running job (lock {LOCK_NAME})",
-                field="out",
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def start_progress(
-    spec: JobSpec, on_progress: Callable[[JobProgress], None] | None
-) -> tuple[JobProgress, Callable[[], None]]:
-    """A running job's progress record and the callback that reports a copy of it."""
-    progress = JobProgress(
-        job_id=spec.job_id or "local",
-        name=spec.name,
-        dataset=spec.dataset,
-        out=spec.out,
-        state="running",
-        started_at=time.time(),
-    )
-
-    def report() -> None:
-        if on_progress is not None:
-            on_progress(progress.model_copy(deep=True))
-
-    return progress, report
-
-
-def run_precompute(
+def run_job(
     spec: JobSpec,
-    backend: Any,
+    engine: Any = None,
     *,
+    ray_backend: tuple[str, str, dict[str, Any]] | None = None,
     on_progress: Callable[[JobProgress], None] | None = None,
     cancel: threading.Event | None = None,
-    count_totals: bool = True,
 ) -> JobProgress:
-    """Run one precompute job in this process (see the module docstring).
+    """Run one job in the mode `spec.ray` asks for.
 
-    Returns the final JobProgress with state "succeeded" or "cancelled" (a cancelled job
-    leaves a valid set with complete=false). Raises DatasetError, BackendError,
-    JobConflictError or ShardFormatError on bad input; the whole shards written before the
-    error stay committed, so a fixed re-run resumes. `on_progress` gets a copy of the
-    progress after the first pass and after every backend call.
+    In this process: with `engine` (a backend). On a Ray cluster: every actor starts its own
+    `ray_backend` = (backend kind, model, options); `engine`, when given, is the same teacher
+    and spares the probe of its TeacherInfo.
     """
-    spec = _normalized(spec)
-    info = backend.info
-    backend.validate([[0, 0]], spec.top_k, spec.temperature)  # refuse k / T before any work
-    metadata = shard_metadata(info, spec)
-    max_len = effective_max_len(spec, info)
-    progress, report = start_progress(spec, on_progress)
-    with output_lock(spec.out):
-        return _precompute(spec, backend, metadata, max_len, progress, report, cancel,
-                           count_totals)  # fmt: skip
+    if not spec.ray:
+        return run_precompute(spec, engine, on_progress=on_progress, cancel=cancel)
+    from todi.services.ray_precompute import run_ray_precompute
 
-
-def _precompute(
-    spec: JobSpec,
-    backend: Any,
-    metadata: ShardSetMetadata,
-    max_len: int,
-    progress: JobProgress,
-    report: Callable[[], None],
-    cancel: threading.Event | None,
-    count_totals: bool,
-) -> JobProgress:
-    info = backend.info
-    done = existing_sample_ids(spec, metadata)
-    if count_totals:
-        stats, done_seqs, done_tokens = count_rows(spec, backend.tokenizer, max_len, done)
-        progress.sequences_total, progress.tokens_total = stats.sequences, stats.tokens
-        progress.sequences_done = progress.resumed_sequences = done_seqs
-        progress.tokens_done = done_tokens
-        progress.apply_stats(stats)
-    report()
-
-    job_record = {**spec.model_dump(mode="json"), "teacher": info.model, "backend": info.backend}
-    writer = ShardSetWriter(
-        spec.out, metadata, positions_per_shard=spec.positions_per_shard, job=job_record
+    if ray_backend is None:
+        raise JobError("ray: no backend for the actors")
+    kind, model, options = ray_backend
+    return run_ray_precompute(
+        spec,
+        backend=kind,
+        model=model,
+        backend_options=options,
+        info=None if engine is None else engine.info,
+        on_progress=on_progress,
+        cancel=cancel,
     )
-    stats = EncodeStats()
-    clock = _Clock(progress)
-    complete = False
-    try:
-        todo = (
-            row
-            for row in job_rows(spec, backend.tokenizer, max_len, stats)
-            if row.sample_id not in done
-        )
-        for rows in batched(todo, spec.batch_tokens):
-            if cancel is not None and cancel.is_set():
-                break
-            results = backend.topk([r.input_ids for r in rows], spec.top_k, spec.temperature)
-            writer.write_many(to_samples(rows, results, spec.top_k))
-            clock.add(len(rows), sum(r.num_tokens for r in rows))
-            progress.shards = len(writer.manifest.shards)
-            report()
-        else:
-            complete = True
-    except BaseException:
-        # The whole samples already computed stay committed: a fixed re-run resumes there.
-        with contextlib.suppress(Exception):
-            writer.flush()
-        raise
-    # Cancelled or finished: commit what is buffered; only a finished pass is complete.
-    writer.flush()
-    if complete:
-        job_record["stats"] = stats.to_dict()
-    manifest = commit_shards(spec.out, metadata, complete=complete, job=job_record)
-    progress.shards = len(manifest.shards)
-    if not count_totals:
-        progress.apply_stats(stats)
-    progress.state = "succeeded" if complete else "cancelled"
-    progress.eta_seconds = 0.0 if complete else None
-    progress.finished_at = time.time()
-    report()
-    return progress
 
 
 # ----------------------------------------------------------------------------------------
@@ -793,26 +453,13 @@ class JobManager:
             # The output folder may have been swapped for a symlink since submit.
             confine(self.root, job.spec.out, "out")
             backend = self._get_backend()
-            if job.spec.ray:
-                from todi.services.ray_precompute import run_ray_precompute
-
-                kind, model, options = self._ray_backend(backend)
-                result = run_ray_precompute(
-                    job.spec,
-                    backend=kind,
-                    model=model,
-                    backend_options=options,
-                    info=backend.info,
-                    on_progress=lambda p: self._on_progress(job, p),
-                    cancel=job.cancel,
-                )
-            else:
-                result = run_precompute(
-                    job.spec,
-                    backend,
-                    on_progress=lambda p: self._on_progress(job, p),
-                    cancel=job.cancel,
-                )
+            result = run_job(
+                job.spec,
+                backend,
+                ray_backend=self._ray_backend(backend) if job.spec.ray else None,
+                on_progress=lambda p: self._on_progress(job, p),
+                cancel=job.cancel,
+            )
             state = result.state
         except Exception as exc:
             log.warning("job %s failed: %s", job.progress.job_id, exc, exc_info=True)

@@ -11,8 +11,8 @@
 One engine per actor (`num_gpus=1` each when the cluster has GPUs). The driver tokenizes
 (rules of `todi.services.datasets`), skips the ids already in whole shards of the output set, and
 stages only the rows still to do, so a re-run (after a cancel, a crash, or a killed driver)
-computes exactly the missing samples, as `todi.services.jobs.run_precompute` does; the two modes
-resume each other's sets. The actors commit their own shards (the manifest update is
+computes exactly the missing samples, as `todi.services.precompute.run_precompute` does; the
+two modes resume each other's sets. The actors commit their own shards (the manifest update is
 lock-protected), so finished work survives a dead driver.
 
 The output must be a path every node sees (local disk for one node, a shared filesystem for
@@ -36,18 +36,20 @@ import numpy as np
 
 from todi.services.config import JobSpec
 from todi.services.datasets import EncodeStats
-from todi.services.jobs import (
+from todi.services.precompute import (
+    Clock,
     JobError,
     JobProgress,
-    _Clock,
-    _normalized,
     batched,
-    effective_max_len,
+    commit_end,
     existing_sample_ids,
+    finish,
+    job_record_of,
     job_rows,
+    normalized_spec,
     output_lock,
+    prepare,
     shard_metadata,
-    start_progress,
     to_samples,
 )
 from todi.storage import ShardInfo, ShardSetMetadata, commit_shards, expected_positions, write_shard
@@ -241,7 +243,7 @@ def run_ray_precompute(
 
     if is_uri(spec.out):
         raise JobError("out: --ray jobs write to a shared filesystem path, not a URI")
-    spec = _normalized(spec)
+    spec = normalized_spec(spec)
     spec = spec.model_copy(update={"out": str(Path(spec.out).absolute())})
     model = str(model)
     options = dict(backend_options or {})
@@ -264,9 +266,7 @@ def run_ray_precompute(
         remote_args["num_gpus"] = num_gpus
     if info is None:
         info = _probe_info(backend, model, options, remote_args)
-    metadata = shard_metadata(info, spec)
-    max_len = effective_max_len(spec, info)
-    progress, report = start_progress(spec, on_progress)
+    metadata, max_len, progress, report = prepare(spec, info, on_progress)
     with output_lock(spec.out):
         return _run(spec, backend, model, options, remote_args, info, metadata, max_len,
                     progress, report, cancel)  # fmt: skip
@@ -350,11 +350,10 @@ def _run(
     report: Callable[[], None],
     cancel: threading.Event | None,
 ) -> JobProgress:
-    import ray
     from transformers import AutoTokenizer
 
     done = existing_sample_ids(spec, metadata)
-    job_record = {**spec.model_dump(mode="json"), "teacher": info.model, "backend": info.backend}
+    job_record = job_record_of(spec, info)
     manifest = commit_shards(spec.out, metadata, complete=False, job=job_record)
     progress.shards = len(manifest.shards)
     _remove_staging(spec.out)  # left by an earlier run that was cancelled or killed
@@ -370,61 +369,76 @@ def _run(
     report()
 
     complete = False
-    clock = _Clock(progress)
     try:
-        if todo_seqs:
-            # One item per staging file (about one shard's positions, see _stage), one block
-            # per item: every actor gets work and each call writes exactly one shard. (Reading
-            # the rows through read_parquet would let Ray merge the small files into one
-            # block, i.e. one actor.)
-            files = sorted(str(f) for f in staging.glob("*.parquet"))
-            ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-            results = ds.map_batches(
-                TeacherActor,
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
-                fn_constructor_kwargs={
-                    "backend": backend,
-                    "model": model,
-                    "backend_options": options,
-                    "spec_json": spec.model_dump(mode="json"),
-                    "metadata_json": metadata.model_dump(mode="json"),
-                    "commit": True,
-                },
-                **remote_args,
-            )
-            cancelled = False
-            iterator = results.iter_batches(batch_size=None, batch_format="numpy")
-            try:
-                for out in iterator:
-                    progress.shards += len(out["shard"])  # committed by the actors
-                    clock.add(int(out["sequences"].sum()), int(out["tokens"].sum()))
-                    report()
-                    if cancel is not None and cancel.is_set():
-                        cancelled = True
-                        break
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):
-                        close()
-            if not cancelled and progress.sequences_done != stats.sequences:
-                raise JobError(
-                    f"ray: {progress.sequences_done} of {stats.sequences} sequences came back "
-                    f"from the actors; re-run the job to compute the rest"
-                )
-            complete = not cancelled
-        else:
-            complete = True
+        actor_kwargs = {
+            "backend": backend,
+            "model": model,
+            "backend_options": options,
+            "spec_json": spec.model_dump(mode="json"),
+            "metadata_json": metadata.model_dump(mode="json"),
+            "commit": True,
+        }
+        complete = todo_seqs == 0 or _stream_shards(
+            staging, spec.num_actors, actor_kwargs, remote_args, stats.sequences, progress,
+            report, cancel,
+        )  # fmt: skip
     finally:
         if complete:
-            job_record["stats"] = stats.to_dict()
             shutil.rmtree(staging, ignore_errors=True)
-        manifest = commit_shards(spec.out, metadata, complete=complete, job=job_record)
-        progress.shards = len(manifest.shards)
-    progress.state = "succeeded" if complete else "cancelled"
-    progress.eta_seconds = 0.0 if complete else None
-    progress.finished_at = time.time()
-    report()
-    return progress
+        commit_end(spec, metadata, job_record, stats, progress, complete)
+    return finish(progress, report, complete)
+
+
+def _stream_shards(
+    staging: Path,
+    num_actors: int,
+    actor_kwargs: dict[str, Any],
+    remote_args: dict[str, Any],
+    sequences_total: int,
+    progress: JobProgress,
+    report: Callable[[], None],
+    cancel: threading.Event | None,
+) -> bool:
+    """Run `num_actors` TeacherActors (built from `actor_kwargs`) over the staging files,
+    counting the shards as they come back.
+
+    Returns True when every staged row came back, False when `cancel` stopped the stream.
+    """
+    import ray
+
+    clock = Clock(progress)
+    # One item per staging file (about one shard's positions, see _stage), one block
+    # per item: every actor gets work and each call writes exactly one shard. (Reading
+    # the rows through read_parquet would let Ray merge the small files into one
+    # block, i.e. one actor.)
+    files = sorted(str(f) for f in staging.glob("*.parquet"))
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    results = ds.map_batches(
+        TeacherActor,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        fn_constructor_kwargs=actor_kwargs,
+        **remote_args,
+    )
+    cancelled = False
+    iterator = results.iter_batches(batch_size=None, batch_format="numpy")
+    try:
+        for out in iterator:
+            progress.shards += len(out["shard"])  # committed by the actors
+            clock.add(int(out["sequences"].sum()), int(out["tokens"].sum()))
+            report()
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+    if not cancelled and progress.sequences_done != sequences_total:
+        raise JobError(
+            f"ray: {progress.sequences_done} of {sequences_total} sequences came back "
+            f"from the actors; re-run the job to compute the rest"
+        )
+    return not cancelled

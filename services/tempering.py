@@ -178,7 +178,8 @@ def _temperature_tag(temperature: float) -> str:
     return repr(float(temperature))
 
 
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
+    """`temperature` as a float, or TemperingError unless it is finite and > 0."""
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise TemperingError(f"temperature must be a finite number > 0, got {temperature}")
@@ -194,7 +195,7 @@ def temper_model_dir(
     T = 1 returns `model_dir` itself (nothing to change).
     """
     src = resolve_model(model_dir)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if temperature == 1.0 and out is None:
         return src
     plan = plan_tempering(src)

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from todi.common.validation import field_name, validation_errors
 from todi.storage import fs as sfs
 from todi.storage.schema import (
     FORMAT_VERSION,
@@ -78,8 +79,8 @@ def read_manifest(fs: pafs.FileSystem, root: str) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        first = validation_errors(exc)[0]
+        where = field_name(first["loc"])
         raise ShardFormatError(f"{path}: bad manifest field {where}: {first['msg']}") from None
 
 

@@ -23,9 +23,8 @@ from todi.services.jobs import (
     JobManager,
     JobNotFoundError,
     JobPathError,
-    output_lock,
-    run_precompute,
 )
+from todi.services.precompute import output_lock, run_precompute
 from todi.storage import DEFAULT_CODEC, first_position, open_shard_set, verify_shard_set
 
 REPO = Path(__file__).resolve().parents[1]

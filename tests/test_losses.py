@@ -1,5 +1,5 @@
-"""The divergence library (trainer/losses.py) against docs/method.md: golden values, gradients,
-the sparse (top-k + tail) form, and properties."""
+"""The divergence library (trainer/divergences.py, and the chunked engine trainer/chunked.py)
+against docs/method.md: golden values, gradients, the sparse (top-k + tail) form, and properties."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from todi.trainer.losses import (
+from todi.trainer.chunked import reference_sparse_divergence, sparse_divergence
+from todi.trainer.divergences import (
     KINDS,
     TEACHER_TAIL_FLOOR,
     dense_divergence,
     outcome_divergence,
-    reference_sparse_divergence,
-    sparse_divergence,
     teacher_tail_logprob,
 )
 

@@ -8,16 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from todi.trainer.losses import KINDS
-from todi.trainer.objective import (
-    IGNORE_INDEX,
-    HeadLossParts,
-    chunked_head_loss,
-    distillation_loss,
-    global_token_count,
-    loss_denominator,
-    reference_head_loss,
-)
+from todi.storage.batches import IGNORE_INDEX
+from todi.trainer.chunked import HeadLossParts, chunked_head_loss, reference_head_loss
+from todi.trainer.divergences import KINDS
+from todi.trainer.objective import distillation_loss, global_token_count, loss_denominator
 
 F64 = torch.float64
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from todi.services.jobs import teacher_shard_metadata
+from todi.services.precompute import teacher_shard_metadata
 from todi.storage import (
     DEFAULT_CODEC,
     Sample,

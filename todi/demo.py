@@ -137,8 +137,9 @@ class _Service:
 
 
 def _precompute_over_rest(url: str, dataset: Path, out: str, cfg: DemoConfig) -> dict:
-    import httpx
     from tqdm import tqdm
+
+    from todi.services.job_client import JobClient
 
     body = {
         "dataset": str(dataset),
@@ -148,28 +149,27 @@ def _precompute_over_rest(url: str, dataset: Path, out: str, cfg: DemoConfig) ->
         "max_seq_len": cfg.max_seq_len,
     }
     print(f"POST {url}/v1/jobs {json.dumps(body)}", flush=True)
-    r = httpx.post(f"{url}/v1/jobs", json=body, timeout=30)
-    if r.status_code != 202:
-        raise UserError(f"job submission refused: HTTP {r.status_code} {r.text}")
-    job_id = r.json()["job_id"]
     bar = tqdm(desc=f"precompute {out}", unit="tok", dynamic_ncols=True)
-    while True:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+
+    def show(job: dict) -> None:
         if job.get("tokens_total"):
             bar.total = job["tokens_total"]
         bar.n = job.get("tokens_done", 0)
         bar.refresh()
-        if job["state"] in {"succeeded", "failed", "cancelled"}:
-            bar.close()
-            if job["state"] != "succeeded":
-                raise UserError(f"precompute job {job_id} {job['state']}: {job.get('error')}")
-            return job
-        time.sleep(1)
+
+    try:
+        with JobClient(url, timeout=30) as client:
+            job_id = client.submit(body)["job_id"]
+            job = client.wait(job_id, poll=1.0, on_progress=show)
+    finally:
+        bar.close()
+    if job["state"] != "succeeded":
+        raise UserError(f"precompute job {job_id} {job['state']}: {job.get('error')}")
+    return job
 
 
 def run_demo(out: Path, cfg: DemoConfig) -> dict:
     """Run all six steps into `out`; return the summary (also written as summary.json)."""
-    from todi.services.answers import chatterbot_prompts, generate_answers, write_split
     from todi.services.models import prepare_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -188,66 +188,22 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict:
     t = mark("prepare_teacher", t)
 
     _step(2, f"instruction data: {cfg.prompts} chatterbot prompts answered by the teacher")
-    data_dir = out / "data"
-    train_jsonl, held_jsonl = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
-    if not (train_jsonl.is_file() and held_jsonl.is_file()):
-        prompts = chatterbot_prompts()[: cfg.prompts]
-        answers = generate_answers(
-            teacher,
-            prompts,
-            backend=cfg.teacher_backend,
-            max_new_tokens=cfg.answer_tokens,
-            seed=cfg.seed,
-        )
-        rows = [
-            {"id": f"chatterbot-{i}", "prompt": p, "response": a}
-            for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
-            if a
-        ]
-        write_split(rows, data_dir, cfg.held_out, cfg.seed)
-    print(f"train: {train_jsonl}\nheld-out: {held_jsonl}")
+    train_jsonl, held_jsonl = _instruction_data(out / "data", teacher, cfg)
     t = mark("generate_answers", t)
 
     _step(3, "teacher service: precompute top-k shards over REST")
     shards = out / "shards"
-    service = _Service(teacher, cfg.teacher_backend, cfg.temperature, shards, out / "service.log")
-    try:
-        service.wait_healthy()
-        print(f"service healthy at {service.url}")
-        jobs = {
-            name: _precompute_over_rest(service.url, path, name, cfg)
-            for name, path in (("train", train_jsonl), ("heldout", held_jsonl))
-        }
-    finally:
-        service.stop()
-    _run(_todi("shards", "verify", str(shards / "train")))
+    jobs = _precompute_shards(out, teacher, {"train": train_jsonl, "heldout": held_jsonl}, cfg)
     t = mark("precompute", t)
 
     _step(4, f"train a {cfg.student_layers}-layer student with ToDi on Ray ({cfg.workers} workers)")
     student_spec = f"init:teacher={teacher},layers={cfg.student_layers}"
     student_out = out / "student"
-    if student_out.exists():
-        shutil.rmtree(student_out)
-    # fmt: off
-    _run(_todi(
-        "train", "--shards", str(shards / "train"), "--student", student_spec,
-        "--out", str(student_out), "--loss", "todi", "--beta", "1.0", "--kd-weight", "0.5",
-        "--workers", str(cfg.workers), "--max-steps", str(cfg.max_steps),
-        "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed),
-    ))
-    # fmt: on
+    _train_student(shards / "train", student_spec, student_out, cfg)
     t = mark("train", t)
 
     _step(5, "evaluate the student before and after training on the held-out set")
-    results = {}
-    for name, spec in (("before", student_spec), ("after", str(student_out / "model"))):
-        path = out / f"eval_{name}.json"
-        _run(
-            _todi(
-                "eval", "--shards", str(shards / "heldout"), "--student", spec, "--out", str(path)
-            )
-        )
-        results[name] = json.loads(path.read_text())
+    results = _evaluate(out, shards / "heldout", student_spec, student_out / "model")
     plot = _plot_before_after(results, out / "eval.png")
     t = mark("evaluate", t)
 
@@ -267,6 +223,74 @@ def run_demo(out: Path, cfg: DemoConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(summary)
     return summary
+
+
+def _instruction_data(data_dir: Path, teacher: Path, cfg: DemoConfig) -> tuple[Path, Path]:
+    """(train.jsonl, heldout.jsonl) of chatterbot prompts with the teacher's answers; kept
+    from an earlier run when both are there."""
+    from todi.services.answers import chatterbot_prompts, generate_answers, write_split
+
+    train_jsonl, held_jsonl = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
+    if not (train_jsonl.is_file() and held_jsonl.is_file()):
+        prompts = chatterbot_prompts()[: cfg.prompts]
+        answers = generate_answers(
+            teacher,
+            prompts,
+            backend=cfg.teacher_backend,
+            max_new_tokens=cfg.answer_tokens,
+            seed=cfg.seed,
+        )
+        rows = [
+            {"id": f"chatterbot-{i}", "prompt": p, "response": a}
+            for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+            if a
+        ]
+        write_split(rows, data_dir, cfg.held_out, cfg.seed)
+    print(f"train: {train_jsonl}\nheld-out: {held_jsonl}")
+    return train_jsonl, held_jsonl
+
+
+def _precompute_shards(
+    out: Path, teacher: Path, datasets: dict[str, Path], cfg: DemoConfig
+) -> dict[str, dict]:
+    """Start a teacher service on `out/shards`, run one REST job per dataset (the shard set
+    is named like it), stop the service, verify the train set; the final job records."""
+    shards = out / "shards"
+    service = _Service(teacher, cfg.teacher_backend, cfg.temperature, shards, out / "service.log")
+    try:
+        service.wait_healthy()
+        print(f"service healthy at {service.url}")
+        jobs = {
+            name: _precompute_over_rest(service.url, path, name, cfg)
+            for name, path in datasets.items()
+        }
+    finally:
+        service.stop()
+    _run(_todi("shards", "verify", str(shards / "train")))
+    return jobs
+
+
+def _train_student(shards: Path, student_spec: str, student_out: Path, cfg: DemoConfig) -> None:
+    if student_out.exists():
+        shutil.rmtree(student_out)
+    # fmt: off
+    _run(_todi(
+        "train", "--shards", str(shards), "--student", student_spec,
+        "--out", str(student_out), "--loss", "todi", "--beta", "1.0", "--kd-weight", "0.5",
+        "--workers", str(cfg.workers), "--max-steps", str(cfg.max_steps),
+        "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed),
+    ))
+    # fmt: on
+
+
+def _evaluate(out: Path, shards: Path, before: str, after: Path) -> dict:
+    """`todi eval` of the student `before` (its spec) and `after` training (its folder)."""
+    results = {}
+    for name, spec in (("before", before), ("after", str(after))):
+        path = out / f"eval_{name}.json"
+        _run(_todi("eval", "--shards", str(shards), "--student", spec, "--out", str(path)))
+        results[name] = json.loads(path.read_text())
+    return results
 
 
 _METRICS = ("todi", "fkl", "rkl", "top1_agreement", "ce", "perplexity")

@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from todi.common.errors import TodiError
-from todi.trainer.losses import KINDS
+from todi.common.validation import field_name, validation_errors
+from todi.trainer.divergences import KINDS
 
 
 class ConfigError(TodiError, ValueError):
@@ -202,9 +203,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _first_error(exc: ValidationError, source: str) -> ConfigError:
-    errors = exc.errors()
+    errors = validation_errors(exc)
     first = errors[0]
-    field = ".".join(str(x) for x in first["loc"]) or "config"
+    field = field_name(first["loc"], "config")
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""

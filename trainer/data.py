@@ -146,6 +146,22 @@ def check_pairing(
     return Pairing(temperature=meta.temperature, vocab_limit=v_tok, top_k=meta.top_k)
 
 
+def padding_row(ids: Any, vocab_limit: int | None) -> int | None:
+    """The largest id of `ids` when it is a padding row of a padded head (>= vocab_limit),
+    else None. `ids`: token ids of any shape, a numpy array or a torch tensor (may be empty).
+
+    The vocabulary rule (`check_pairing`) keeps the softmax to the first `vocab_limit` rows;
+    an id past them (an input, or a teacher top-k id) would be a token the student can never
+    predict, so every reader of teacher ids refuses it through this one test."""
+    if vocab_limit is None:
+        return None
+    empty = ids.numel() == 0 if hasattr(ids, "numel") else ids.size == 0
+    if empty:
+        return None
+    top = int(ids.max())
+    return top if top >= vocab_limit else None
+
+
 # ------------------------------------------------------------------------------------------
 # Ray Data source
 
@@ -259,8 +275,10 @@ def decode_rows(
     samples = decode_table(table, meta, "training batch")
     if vocab_limit is not None and vocab_limit < meta.vocab_size:
         for s in samples:
-            top = max(int(s.input_ids.max()), int(s.topk_ids.max()) if s.topk_ids.size else 0)
-            if top >= vocab_limit:
+            bad = [t for t in (padding_row(s.input_ids, vocab_limit),
+                               padding_row(s.topk_ids, vocab_limit)) if t is not None]  # fmt: skip
+            if bad:
+                top = max(bad)
                 raise DataError(
                     f"sample {s.sample_id!r}: id {top} is a padding row of the head "
                     f"(>= tokenizer size {vocab_limit}); the vocabulary rule allows only "

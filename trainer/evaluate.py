@@ -6,7 +6,7 @@ padding do not count). At each such position the teacher is known through its st
 (ids S, log-probs normalized over the full vocabulary at the set's temperature T) plus the
 tail bucket; the student through its logits z, at the same T:
 
-    fkl   = FKL  of the coarsened (k + 1)-outcome distributions   (todi.trainer.losses)
+    fkl   = FKL  of the coarsened (k + 1)-outcome distributions   (todi.trainer.chunked)
     rkl   = RKL  of the same
     todi  = ToDi of the same, with the given beta (alpha_v = sigmoid(beta * log p_v / q_v))
     top1_agreement = [argmax_v z_v == S_1]   (the teacher's rank-1 id; independent of T)
@@ -43,11 +43,12 @@ import torch
 
 from todi.common.errors import TodiError
 from todi.storage import Batch, ShardSet, ShardSetMetadata, open_shard_set
-from todi.trainer.losses import sparse_divergence
+from todi.trainer.chunked import sparse_divergence
+from todi.trainer.data import padding_row
 
 DIVERGENCE_KINDS = ("fkl", "rkl", "todi")
 DEFAULT_MAX_TOKENS = 2048
-# Positions per head chunk here: half the training default (losses.DEFAULT_CHUNK_SIZE, 1024),
+# Positions per head chunk here: half the training default (chunked.DEFAULT_CHUNK_SIZE, 1024),
 # since evaluation holds the [chunk, V] buffers of three divergences at once.
 EVAL_CHUNK_SIZE = 512
 
@@ -316,10 +317,9 @@ def _batch_stats(model, head, batch, sums, v_lim, device, beta, temperature, chu
     }
     rows, cols = batch.loss_mask[:, :width].nonzero(as_tuple=True)
     topk_ids = batch.topk_ids[:, :width][rows, cols]
-    if topk_ids.numel() and int(topk_ids.max()) >= v_lim:
-        raise EvalError(
-            f"teacher top-k id {int(topk_ids.max())} is a padding row (vocabulary limit {v_lim})"
-        )
+    top = padding_row(topk_ids, v_lim)
+    if top is not None:
+        raise EvalError(f"teacher top-k id {top} is a padding row (vocabulary limit {v_lim})")
     topk_lps = batch.topk_logprobs[:, :width][rows, cols]
     labels = batch.labels[:, :width][rows, cols]
     rows, cols = rows.to(device), cols.to(device)

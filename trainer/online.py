@@ -28,6 +28,7 @@ import torch
 
 from todi.common.errors import TodiError
 from todi.storage import IGNORE_INDEX, Batch, Sample, ShardSetMetadata, decode_table, encode_table
+from todi.trainer.data import padding_row
 
 
 class OnlineTeacherError(TodiError, ValueError):
@@ -109,9 +110,10 @@ class OnlineTeacher:
         for i, (r_ids, r_lps) in enumerate(blocks):
             if rows_of[i].numel() == 0:
                 continue
-            if self.vocab_limit is not None and int(r_ids.max()) >= self.vocab_limit:
+            top = padding_row(r_ids, self.vocab_limit)
+            if top is not None:
                 raise OnlineTeacherError(
-                    f"online teacher ranked padding row {int(r_ids.max())} (>= tokenizer size "
+                    f"online teacher ranked padding row {top} (>= tokenizer size "
                     f"{self.vocab_limit}) into its top-{self.top_k}"
                 )
             ids[i, rows_of[i]] = torch.from_numpy(np.asarray(r_ids, dtype=np.int64))

@@ -54,6 +54,7 @@ from torch import nn
 from todi.common.errors import TodiError, first_line
 from todi.storage import IGNORE_INDEX, Batch, ShardSetMetadata
 from todi.storage.fs import is_uri
+from todi.trainer.chunked import chunked_head_loss
 from todi.trainer.config import TrainConfig, trajectory_differences
 from todi.trainer.data import (
     DataError,
@@ -67,7 +68,7 @@ from todi.trainer.data import (
     padding_counts,
     raw_rows,
 )
-from todi.trainer.objective import chunked_head_loss, distillation_loss, loss_denominator
+from todi.trainer.objective import distillation_loss, loss_denominator
 from todi.trainer.online import TeacherFactory
 from todi.trainer.student import (
     StudentError,
@@ -378,37 +379,36 @@ def _row_stream(data_iter, schema_box: list):
 
 
 def _worker_loop(lc: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: `lc` is the driver's `train_loop_config`."""
+    _Worker(lc).run()
+
+
+def _restore_or_build(lc: dict[str, Any], cfg: TrainConfig, world: int):
+    """(model, tokenizer, checkpoint state or None): the last checkpoint Ray Train hands this
+    worker (a restart or `--resume`), else the student built from `lc["student_dir"]`."""
     import ray.train
-    import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # per-worker weight-loading bars would garble the log
-    cfg = TrainConfig.model_validate(lc["config"])
-    meta = ShardSetMetadata.model_validate(lc["meta"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)
-
-    state: dict[str, Any] | None = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(d)
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        if state["world_size"] != world:
-            raise TrainError(
-                f"checkpoint at step {state['step']} was written by {state['world_size']} "
-                f"workers, this run has {world}: resume with --workers {state['world_size']}"
-            )
-    else:
+    if checkpoint is None:
         model, tokenizer = build_student(lc["student_dir"], seed=cfg.seed)
-    model.to(device)
-    model.train()
+        return model, tokenizer, None
+    with checkpoint.as_directory() as d:
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(d)
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    if state["world_size"] != world:
+        raise TrainError(
+            f"checkpoint at step {state['step']} was written by {state['world_size']} "
+            f"workers, this run has {world}: resume with --workers {state['world_size']}"
+        )
+    return model, tokenizer, state
+
+
+def _worker_objective(
+    model: nn.Module, cfg: TrainConfig, lc: dict[str, Any], device: torch.device, world: int
+) -> nn.Module:
+    """The StudentObjective of this worker, wrapped in DDP when there are several."""
     # bf16 autocast "where supported" is decided here, where the device is (the driver may
     # run on a CPU-only head node).
     bf16 = cfg.bf16
@@ -430,173 +430,239 @@ def _worker_loop(lc: dict[str, Any]) -> None:
             device_ids=[device] if device.type == "cuda" else None,
             broadcast_buffers=False,
         )
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, warmup=cfg.warmup_steps, total=lc["total_steps"])
-    step, epoch, skip = 0, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, skip = state["step"], state["epoch"], state["positions"][rank]
-        _set_rng_state(state["rng"][rank])
+    return objective
 
-    online = None
-    if cfg.online_teacher:
-        from todi.trainer.online import OnlineTeacher
 
-        online = OnlineTeacher(
-            cfg.online_teacher,
-            meta,
-            quantize=cfg.online_quantize,
-            device=str(device),
-            vocab_limit=lc["vocab_limit"],
-            engine=lc["teacher_engine"],
+class _Worker:
+    """One worker's run: restore or build (`__init__`), then epochs (`_epoch`) of steps, each
+    gathering micro-batches (`_gather`), stepping (`_step`) and recording (`_record`);
+    checkpoints through `_report`.
+
+    The data position (`position`, micro-batches consumed in `epoch`) is what a checkpoint
+    saves per rank: a restart skips that many plans of the epoch, whose order is a pure
+    function of (seed, epoch, rank), so the continued run computes what the uninterrupted
+    run computes.
+    """
+
+    def __init__(self, lc: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-worker weight-loading bars would garble the log
+        self.lc = lc
+        self.cfg = cfg = TrainConfig.model_validate(lc["config"])
+        self.meta = ShardSetMetadata.model_validate(lc["meta"])
+        self.ctx = ray.train.get_context()
+        self.rank, self.world = self.ctx.get_world_rank(), self.ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.manual_seed(cfg.seed)
+
+        self.model, self.tokenizer, state = _restore_or_build(lc, cfg, self.world)
+        self.model.to(self.device)
+        self.model.train()
+        self.objective = _worker_objective(self.model, cfg, lc, self.device, self.world)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = make_scheduler(
+            self.optimizer, warmup=cfg.warmup_steps, total=lc["total_steps"]
         )
+        self.step, self.epoch, self.position = 0, 0, 0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.epoch = state["step"], state["epoch"]
+            self.position = state["positions"][self.rank]
+            _set_rng_state(state["rng"][self.rank])
+        self.last_saved = self.step if state is not None else -1
 
-    settings = LoaderSettings(
-        batch_size=cfg.batch_size,
-        max_tokens=cfg.max_tokens,
-        shuffle_buffer=cfg.shuffle_buffer,
-        bucket_buffer=cfg.effective_bucket_buffer,
-        seed=cfg.seed,
-    )
-    data_iter = ray.train.get_dataset_shard("train")
-    queue = lc["queue"]
-    pad_id = int(lc["pad_id"])
-    k = meta.top_k
-    max_steps = cfg.max_steps
-    stop_at = cfg.stop_at_step
-    last_saved = step if state is not None else -1
-    t_start = time.perf_counter()
+        self.online = None
+        if cfg.online_teacher:
+            from todi.trainer.online import OnlineTeacher
 
-    def report(metrics: dict[str, Any], save: bool) -> None:
-        nonlocal last_saved
-        positions = _gather(position)
-        rngs = _gather(_rng_state())
-        if rank == 0 and save:
-            ckpt_state = {
-                "step": step,
-                "epoch": epoch,
-                "positions": positions,
-                "rng": rngs,
-                "world_size": world,
-                "config": lc["config"],
-            }
-            _report_checkpoint(
-                ctx,
-                metrics,
-                f"step-{step:08d}",
-                lambda d: write_checkpoint(d, model, tokenizer, optimizer, scheduler, ckpt_state),
+            self.online = OnlineTeacher(
+                cfg.online_teacher,
+                self.meta,
+                quantize=cfg.online_quantize,
+                device=str(self.device),
+                vocab_limit=lc["vocab_limit"],
+                engine=lc["teacher_engine"],
             )
-        else:
-            ray.train.report(metrics, checkpoint=None)
-        if save:
-            last_saved = step
+        self.settings = LoaderSettings(
+            batch_size=cfg.batch_size,
+            max_tokens=cfg.max_tokens,
+            shuffle_buffer=cfg.shuffle_buffer,
+            bucket_buffer=cfg.effective_bucket_buffer,
+            seed=cfg.seed,
+        )
+        self.data_iter = ray.train.get_dataset_shard("train")
+        self.pad_id = int(lc["pad_id"])
+        self.t_start = time.perf_counter()
 
-    done = (max_steps is not None and step >= max_steps) or (
-        max_steps is None and epoch >= cfg.epochs
-    )
-    position = skip
-    while not done:
+    def run(self) -> None:
+        cfg = self.cfg
+        max_steps, stop_at = cfg.max_steps, cfg.stop_at_step
+        done = (max_steps is not None and self.step >= max_steps) or (
+            max_steps is None and self.epoch >= cfg.epochs
+        )
+        while not done:
+            done = self._epoch()
+            if not done:
+                self.epoch += 1
+                self.position = 0  # a checkpoint now means "epoch `epoch`, nothing consumed yet"
+                if max_steps is None and self.epoch >= cfg.epochs:
+                    done = True
+        stopped = (
+            stop_at is not None
+            and self.step >= stop_at
+            and not (max_steps is not None and self.step >= max_steps)
+        )
+        final = {"step": self.step, "finished": not stopped, "stopped_early": stopped}
+        self._report(final, save=self.last_saved != self.step)
+        if self.online is not None:
+            self.online.close()
+
+    def _epoch(self) -> bool:
+        """Steps of this epoch from `position` on; True when the run is done (max or stop
+        step reached), False when every worker's data of the epoch ran out."""
+        cfg = self.cfg
         schema_box: list = []
-        plans = epoch_batches(_row_stream(data_iter, schema_box), settings, epoch=epoch, rank=rank)
-        for _ in range(skip):  # resume: the order is a pure function of (seed, epoch, rank)
+        plans = epoch_batches(
+            _row_stream(self.data_iter, schema_box), self.settings, epoch=self.epoch, rank=self.rank
+        )
+        for _ in range(self.position):  # resume: skip the micro-batches already consumed
             next(plans, None)
-        position, skip = skip, 0
-        epoch_start, epoch_steps = position, 0
-        while True:
+        epoch_start, epoch_steps = self.position, 0
+        done = False
+        while not done:
             t0 = time.perf_counter()
-            micro = []
-            for _ in range(cfg.grad_accum):
-                plan = next(plans, None)
-                if plan is None:
-                    break
-                micro.append(
-                    decode_rows(
-                        plan, meta, schema_box[0], pad_id=pad_id, vocab_limit=lc["vocab_limit"]
-                    )
-                )
+            micro = self._gather(plans, schema_box)
             t_loaded = time.perf_counter()
             (most,) = all_reduce([len(micro)], op="max")
             if most == 0:
                 break  # every worker finished this epoch
-            position += len(micro)
-            if not micro:
-                micro = [dummy_batch(k, pad_id)]  # data ran out here first: zero-loss pass
-            teacher_s = 0.0
-            if online is not None:
-                t1 = time.perf_counter()
-                micro = [online.fill(b) if b.sample_ids else b for b in micro]
-                teacher_s = time.perf_counter() - t1
-            stats = train_step(
-                objective,
-                micro,
-                optimizer,
-                scheduler,
-                kd_weight=cfg.kd_weight,
-                grad_clip=cfg.grad_clip,
-                device=device,
-            )
-            step += 1
+            self.position += len(micro)
+            record = self._step(micro, t0, t_loaded)
             epoch_steps += 1
-            n_seqs = sum(len(b.sample_ids) for b in micro)
-            ce, div, tokens, real, padded, seqs = all_reduce(
-                [
-                    stats.ce_sum,
-                    stats.div_sum,
-                    stats.tokens,
-                    stats.real_tokens,
-                    stats.padded_slots,
-                    n_seqs,
-                ]
+            done = (cfg.max_steps is not None and self.step >= cfg.max_steps) or (
+                cfg.stop_at_step is not None and self.step >= cfg.stop_at_step
             )
-            dt = time.perf_counter() - t0
-            tokens = max(tokens, 1.0)  # a step without counted tokens logs zeros, not NaN
-            record = {
-                "step": step,
-                "epoch": epoch,
-                "loss": ((1 - cfg.kd_weight) * ce + cfg.kd_weight * div) / tokens,
-                "ce": ce / tokens,
-                "divergence": div / tokens,
-                "tokens": int(tokens),
-                "sequences": int(seqs),
-                "tokens_per_s": tokens / dt,
-                "lr": stats.lr,
-                "grad_norm": stats.grad_norm,
-                "padding_waste": 1.0 - real / max(padded, 1.0),
-                "step_s": dt,
-                "loader_s": t_loaded - t0,
-                "teacher_s": teacher_s,
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-            if rank == 0 and queue is not None:
-                queue.put(record)
-            done = (max_steps is not None and step >= max_steps) or (
-                stop_at is not None and step >= stop_at
-            )
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
-                report({"step": step, "loss": record["loss"]}, save=True)
-            _maybe_fault(step, rank)
-            if done:
-                break
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not done:
+                self._report({"step": self.step, "loss": record["loss"]}, save=True)
+            _maybe_fault(self.step, self.rank)
         if epoch_steps == 0 and epoch_start == 0:
             raise TrainError(
-                f"epoch {epoch} gave no micro-batch to any worker: the shard set's rows do "
-                f"not reach the {world} workers (each needs at least one row)"
+                f"epoch {self.epoch} gave no micro-batch to any worker: the shard set's rows do "
+                f"not reach the {self.world} workers (each needs at least one row)"
             )
-        if not done:
-            epoch += 1
-            position = 0  # a checkpoint now means "epoch `epoch`, nothing consumed yet"
-            if max_steps is None and epoch >= cfg.epochs:
-                done = True
-    stopped = (
-        stop_at is not None
-        and step >= stop_at
-        and not (max_steps is not None and step >= max_steps)
-    )
-    final = {"step": step, "finished": not stopped, "stopped_early": stopped}
-    report(final, save=last_saved != step)
-    if online is not None:
-        online.close()
+        return done
+
+    def _gather(self, plans, schema_box: list) -> list[Batch]:
+        """Up to `grad_accum` micro-batches of this worker (fewer, or none, at the epoch's end)."""
+        micro = []
+        for _ in range(self.cfg.grad_accum):
+            plan = next(plans, None)
+            if plan is None:
+                break
+            micro.append(
+                decode_rows(
+                    plan,
+                    self.meta,
+                    schema_box[0],
+                    pad_id=self.pad_id,
+                    vocab_limit=self.lc["vocab_limit"],
+                )
+            )
+        return micro
+
+    def _step(self, micro: list[Batch], t0: float, t_loaded: float) -> dict[str, Any]:
+        """One optimizer step over `micro` (all workers take it); its record."""
+        if not micro:
+            micro = [dummy_batch(self.meta.top_k, self.pad_id)]  # data ran out here first
+        teacher_s = 0.0
+        if self.online is not None:
+            t1 = time.perf_counter()
+            micro = [self.online.fill(b) if b.sample_ids else b for b in micro]
+            teacher_s = time.perf_counter() - t1
+        stats = train_step(
+            self.objective,
+            micro,
+            self.optimizer,
+            self.scheduler,
+            kd_weight=self.cfg.kd_weight,
+            grad_clip=self.cfg.grad_clip,
+            device=self.device,
+        )
+        self.step += 1
+        n_seqs = sum(len(b.sample_ids) for b in micro)
+        return self._record(stats, n_seqs, t0, t_loaded, teacher_s)
+
+    def _record(
+        self, stats: StepStats, n_seqs: int, t0: float, t_loaded: float, teacher_s: float
+    ) -> dict[str, Any]:
+        """The step's metrics over all workers, sent to the driver by rank 0."""
+        ce, div, tokens, real, padded, seqs = all_reduce(
+            [
+                stats.ce_sum,
+                stats.div_sum,
+                stats.tokens,
+                stats.real_tokens,
+                stats.padded_slots,
+                n_seqs,
+            ]
+        )
+        dt = time.perf_counter() - t0
+        tokens = max(tokens, 1.0)  # a step without counted tokens logs zeros, not NaN
+        w = self.cfg.kd_weight
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": ((1 - w) * ce + w * div) / tokens,
+            "ce": ce / tokens,
+            "divergence": div / tokens,
+            "tokens": int(tokens),
+            "sequences": int(seqs),
+            "tokens_per_s": tokens / dt,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "padding_waste": 1.0 - real / max(padded, 1.0),
+            "step_s": dt,
+            "loader_s": t_loaded - t0,
+            "teacher_s": teacher_s,
+            "elapsed_s": time.perf_counter() - self.t_start,
+        }
+        queue = self.lc["queue"]
+        if self.rank == 0 and queue is not None:
+            queue.put(record)
+        return record
+
+    def _report(self, metrics: dict[str, Any], save: bool) -> None:
+        """Report `metrics` to Ray Train, with a checkpoint (written by rank 0) if `save`."""
+        import ray.train
+
+        positions = _gather(self.position)
+        rngs = _gather(_rng_state())
+        if self.rank == 0 and save:
+            ckpt_state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "positions": positions,
+                "rng": rngs,
+                "world_size": self.world,
+                "config": self.lc["config"],
+            }
+
+            def write(d: Path) -> None:
+                write_checkpoint(
+                    d, self.model, self.tokenizer, self.optimizer, self.scheduler, ckpt_state
+                )
+
+            _report_checkpoint(self.ctx, metrics, f"step-{self.step:08d}", write)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if save:
+            self.last_saved = self.step
 
 
 # ------------------------------------------------------------------------------------------
@@ -796,11 +862,6 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
     `teacher_engine` starts the `--online-teacher` (e.g. the teacher service's hf backend
     factory; `todi train` passes it): this package never imports the teacher service.
     """
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
-
     t0 = time.perf_counter()
     cfg = cfg.model_copy(update={"shards": _absolute_local(cfg.shards)})
     if cfg.online_teacher:
@@ -808,7 +869,58 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
             raise TrainError("online_teacher: needs a teacher engine (train(cfg, teacher_engine=))")
         cfg = cfg.model_copy(update={"online_teacher": _absolute_local(cfg.online_teacher)})
     shard_set, pairing, student = prepare_run(cfg)
+    out, resumed = _prepare_out(cfg)
+    student_dir = _student_dir(cfg, out)
+    if shard_set.num_rows < cfg.workers:
+        raise TrainError(
+            f"the shard set has {shard_set.num_rows} rows, fewer than --workers {cfg.workers}"
+        )
+    total = _schedule_total(cfg, shard_set.num_rows)
+    loop_config = {
+        "config": cfg.model_dump(),
+        "meta": json.loads(shard_set.signature.model_dump_json()),
+        "student_dir": student_dir,
+        "temperature": pairing.temperature,
+        "vocab_limit": pairing.vocab_limit,
+        "pad_id": student.pad_id,
+        "total_steps": total,
+        "queue": None,  # set by _fit, once Ray runs
+        "teacher_engine": teacher_engine,
+    }
+    fit = _fit(cfg, shard_set, loop_config, out, total)
+    model_dir = _export_model(fit.result, out)
 
+    plot = None
+    log_path = out / LOG_NAME
+    records = fit.records
+    if records:
+        from todi.trainer.plots import plot_log
+
+        plot = str(plot_log(log_path, out / PLOT_NAME, title=f"{cfg.loss} · {cfg.student}"))
+    metrics = fit.result.metrics or {}
+    summary = TrainSummary(
+        out=str(out),
+        model_dir=str(model_dir),
+        log=str(log_path),
+        plot=plot,
+        steps=int(metrics.get("step", records[-1]["step"] if records else 0)),
+        first_loss=records[0]["loss"] if records else None,
+        last_loss=records[-1]["loss"] if records else None,
+        stopped_early=bool(metrics.get("stopped_early", False)),
+        resumed=resumed,
+        seconds=time.perf_counter() - t0,
+        temperature=pairing.temperature,
+        vocab_limit=pairing.vocab_limit,
+        jemalloc=fit.jemalloc,
+        startup_s=fit.startup_s,
+    )
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
+    return summary
+
+
+def _prepare_out(cfg: TrainConfig) -> tuple[Path, bool]:
+    """(absolute out folder, resumed): refuses an existing run without --resume, or a resume
+    with another trajectory; records the configuration; a fresh run starts a fresh log."""
     out = cfg.out_dir.absolute()
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "ray" / RUN_NAME
@@ -830,41 +942,63 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
         log = out / LOG_NAME
         if log.exists():
             log.unlink()
+    return out, resumed
 
+
+def _student_dir(cfg: TrainConfig, out: Path) -> str:
+    """The HF folder the workers load: the student's own, or an `init:` student built once
+    from the teacher's weights / the config into `out/student_init`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the run's own bar is the one to watch
     spec = parse_student_spec(cfg.student)
     if spec.kind == "folder":
-        student_dir = str(spec.path.absolute())
-    else:  # build once from the teacher's weights / the config; workers load this folder
-        init_dir = out / "student_init"
-        if not (init_dir / "config.json").is_file():
-            model, tokenizer = build_student(spec, seed=cfg.seed)
-            tmp = out / "student_init.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_student(model, tokenizer, tmp)
-            os.replace(tmp, init_dir)
-            del model
-        student_dir = str(init_dir)
+        return str(spec.path.absolute())
+    init_dir = out / "student_init"
+    if not (init_dir / "config.json").is_file():
+        model, tokenizer = build_student(spec, seed=cfg.seed)
+        tmp = out / "student_init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_student(model, tokenizer, tmp)
+        os.replace(tmp, init_dir)
+        del model
+    return str(init_dir)
 
-    if shard_set.num_rows < cfg.workers:
-        raise TrainError(
-            f"the shard set has {shard_set.num_rows} rows, fewer than --workers {cfg.workers}"
-        )
-    total = _schedule_total(cfg, shard_set.num_rows)
+
+def _worker_env(cfg: TrainConfig) -> tuple[dict[str, str], str | None]:
+    """(the workers' environment variables, the jemalloc preloaded or None)."""
+    jemalloc = jemalloc_path() if cfg.jemalloc else None
+    if cfg.jemalloc and jemalloc is None:
+        raise TrainError("--jemalloc: this ray wheel has no ray/core/libjemalloc.so")
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if jemalloc:
+        env["LD_PRELOAD"] = jemalloc
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    return env, jemalloc
+
+
+@dataclass
+class _FitResult:
+    result: Any  # ray.train.Result
+    records: list[dict]  # rank 0's per-step records, the whole log (a resume's included)
+    startup_s: float | None
+    jemalloc: str | None
+
+
+def _fit(
+    cfg: TrainConfig, shard_set, loop_config: dict[str, Any], out: Path, total: int
+) -> _FitResult:
+    """Start or join Ray, run the TorchTrainer to the end, drain the metrics; Ray is shut
+    down again if this call started it."""
+    import ray
+    from ray.util.queue import Queue
+
     started = _connect_ray(cfg)
     sink = None
     try:
         use_gpu = _use_gpu(cfg)
-        jemalloc = jemalloc_path() if cfg.jemalloc else None
-        if cfg.jemalloc and jemalloc is None:
-            raise TrainError("--jemalloc: this ray wheel has no ray/core/libjemalloc.so")
-        env = {"TOKENIZERS_PARALLELISM": "false"}
-        if jemalloc:
-            env["LD_PRELOAD"] = jemalloc
-        if os.environ.get(FAULT_ENV):
-            env[FAULT_ENV] = os.environ[FAULT_ENV]
+        env, jemalloc = _worker_env(cfg)
 
         from ray.data import DataContext
 
@@ -872,43 +1006,9 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
         from todi.trainer.data import build_dataset
 
         dataset = build_dataset(shard_set, seed=cfg.seed)
-        with warnings.catch_warnings():  # Ray's own defaults trip its deprecation warning
-            warnings.simplefilter("ignore")
-            ingest = DataConfig.default_ingest_options()
-        ingest.preserve_order = True  # deterministic split: resume replays the data order
         queue = Queue(actor_options={"num_cpus": 0})
         sink = _MetricsSink(queue, out / LOG_NAME, cfg.max_steps or total, cfg.progress)
-        loop_config = {
-            "config": cfg.model_dump(),
-            "meta": json.loads(shard_set.signature.model_dump_json()),
-            "student_dir": student_dir,
-            "temperature": pairing.temperature,
-            "vocab_limit": pairing.vocab_limit,
-            "pad_id": student.pad_id,
-            "total_steps": total,
-            "queue": queue,
-            "teacher_engine": teacher_engine,
-        }
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.workers,
-                use_gpu=use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker},
-                placement_strategy=cfg.placement_strategy,
-            ),
-            run_config=RunConfig(
-                name=RUN_NAME,
-                storage_path=str(out / "ray"),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                worker_runtime_env={"env_vars": env},
-            ),
-            datasets={"train": dataset},
-            dataset_config=DataConfig(execution_options=ingest),
-        )
+        trainer = _trainer(cfg, {**loop_config, "queue": queue}, dataset, out, env, use_gpu=use_gpu)
         t_fit = time.perf_counter()
         try:
             result = trainer.fit()
@@ -928,7 +1028,50 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
             sink.close()
         if started:
             ray.shutdown()
+    return _FitResult(result, records, startup, jemalloc)
 
+
+def _trainer(
+    cfg: TrainConfig,
+    loop_config: dict[str, Any],
+    dataset,
+    out: Path,
+    env: dict[str, str],
+    *,
+    use_gpu: bool,
+):
+    """The TorchTrainer of the run: `cfg.workers` workers over `dataset`, storage in out/ray."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    with warnings.catch_warnings():  # Ray's own defaults trip its deprecation warning
+        warnings.simplefilter("ignore")
+        ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # deterministic split: resume replays the data order
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+
+
+def _export_model(result: Any, out: Path) -> Path:
+    """The last checkpoint as `out/model` (an HF folder, without the trainer state)."""
     if result.checkpoint is None:
         raise TrainError("training finished without a checkpoint to export")
     model_dir = out / "model"
@@ -938,29 +1081,4 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
     (tmp / STATE_FILE).unlink(missing_ok=True)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
-
-    plot = None
-    log_path = out / LOG_NAME
-    if records:
-        from todi.trainer.plots import plot_log
-
-        plot = str(plot_log(log_path, out / PLOT_NAME, title=f"{cfg.loss} · {cfg.student}"))
-    metrics = result.metrics or {}
-    summary = TrainSummary(
-        out=str(out),
-        model_dir=str(model_dir),
-        log=str(log_path),
-        plot=plot,
-        steps=int(metrics.get("step", records[-1]["step"] if records else 0)),
-        first_loss=records[0]["loss"] if records else None,
-        last_loss=records[-1]["loss"] if records else None,
-        stopped_early=bool(metrics.get("stopped_early", False)),
-        resumed=resumed,
-        seconds=time.perf_counter() - t0,
-        temperature=pairing.temperature,
-        vocab_limit=pairing.vocab_limit,
-        jemalloc=jemalloc,
-        startup_s=startup,
-    )
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
-    return summary
+    return model_dir

@@ -106,10 +106,10 @@ class VLLMBackend(TeacherBackend):
         engine_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        from todi.services.tempering import _check_temperature, tempered_model_dir
+        from todi.services.tempering import check_temperature, tempered_model_dir
 
         path = resolve_model(model)
-        temperature = _check_temperature(temperature)
+        temperature = check_temperature(temperature)
         serve_dir = tempered_model_dir(path, temperature) if temperature != 1.0 else path
         # Before importing vllm: no usage reporting from a teacher service.
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")

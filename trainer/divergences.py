@@ -1,0 +1,259 @@
+"""Divergences between a teacher distribution p and a student distribution q: the math.
+
+The math is `docs/method.md`. Everything is built on one core,
+`outcome_divergence(kind, log_p, log_q)`, over a distribution on a finite set of *outcomes*:
+
+- dense (`dense_divergence`): the outcomes are the vocabulary entries,
+  log p = log_softmax(teacher / T), log q = log_softmax(student / T);
+- sparse (`todi.trainer.chunked.sparse_divergence`): the outcomes are the teacher's k cached
+  ids plus one tail bucket holding the rest of the vocabulary (the *coarsened* distributions):
+      log p = [stored top-k log-probs, log(1 - sum_k p_k)]     (`coarsened_teacher`)
+      log q = [log q at the k ids,     logsumexp(student / T over the other ids) - logsumexp(all)]
+  Neither side is renormalized over the top-k and the tail is never dropped: that keeps the
+  reverse-KL pressure on tokens the student overrates outside the teacher's top-k.
+
+So every divergence has exactly one implementation (a small pure function below), and the
+sparse form equals the dense form when k = V. The chunking engine that applies any of them to
+[N, V] logits without holding them whole is `todi.trainer.chunked`; it uses this module's
+public names only.
+
+Conventions shared by all divergences (rows = positions, last dim = outcomes):
+- inputs are log-probabilities; math runs in float32 (float64 stays float64, `math_dtype`);
+- an outcome with probability 0 on both sides (log-prob -inf, e.g. a masked vocabulary entry)
+  contributes exactly 0 and gets a zero gradient: -inf is replaced by the finite `_NEG`
+  (-1e30) first, whose exp is exactly 0 and whose differences are exactly 0, so no inf - inf
+  or 0 * inf appears anywhere (no NaN, in values or gradients). A support mismatch (p > 0
+  where q = 0) gives a huge finite value (about p * 1e30) instead of +inf;
+- the teacher is a constant: only the student side is meant to be differentiated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Final
+
+import torch
+from torch import Tensor
+
+KINDS: Final = ("fkl", "rkl", "todi", "js", "tvd", "skl", "srkl", "akl")
+
+SKEW_LAMBDA: Final = 0.1
+"""Skew of the skewed KLs (`skl`, `srkl`), as in DistiLLM and the ToDi reference code."""
+
+AKL_MU: Final = 0.5
+"""Head/tail split of adaptive KL: cumulative teacher mass mu (Wu et al. 2024)."""
+
+TEACHER_TAIL_FLOOR: Final = float(torch.finfo(torch.float32).eps)
+"""Smallest teacher tail mass 1 - sum_k p_k that the sparse form trusts (about 1.2e-7).
+
+The stored top-k log-probs are float32 (or coarser after the shard codec), so a computed tail
+below float32's resolution at 1.0 is rounding noise, and it can even come out <= 0 when the top
+k hold nearly all the mass. Flooring it keeps the tail's reverse-KL term finite
+(q_tail * log(q_tail / p_tail)) while still pushing the student's tail mass down hard."""
+
+_NEG: Final = -1e30
+_LOG2: Final = math.log(2.0)
+
+# --------------------------------------------------------------------------------------------
+# The divergences over outcomes. Each takes log p (teacher) and log q (student), shape [..., K],
+# each a normalized distribution over the K outcomes, and returns the per-row value [...].
+
+
+def math_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 when an input is float64 (bf16/fp16 are promoted to float32)."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def _prepare(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cast to the math dtype and replace -inf by `_NEG`; returns (log p, log q, p, q)."""
+    dtype = math_dtype(log_p.dtype, log_q.dtype)
+    # clamp_min has gradient 0 at the clamped (-inf) entries and 1 elsewhere.
+    lp = log_p.to(dtype).clamp_min(_NEG)
+    lq = log_q.to(dtype).clamp_min(_NEG)
+    return lp, lq, lp.exp(), lq.exp()
+
+
+def forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Forward KL: FKL(p || q) = sum_v p_v (log p_v - log q_v)."""
+    lp, lq, p, _ = _prepare(log_p, log_q)
+    return (p * (lp - lq)).sum(-1)
+
+
+def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Reverse KL: RKL = KL(q || p) = sum_v q_v (log q_v - log p_v)."""
+    lp, lq, _, q = _prepare(log_p, log_q)
+    return (q * (lq - lp)).sum(-1)
+
+
+def todi(log_p: Tensor, log_q: Tensor, *, beta: float = 1.0) -> Tensor:
+    """ToDi (Jung et al. 2025): a per-outcome mix of forward and reverse KL.
+
+        r_v     = log p_v - log q_v
+        alpha_v = sigmoid(beta * r_v)        (a constant: detached, no gradient)
+        ToDi    = sum_v alpha_v p_v r_v + (1 - alpha_v) q_v (-r_v)
+
+    Each term is >= 0 for beta > 0 and 0 iff p_v = q_v. With beta = 1 the value equals
+    FKL + RKL (alpha = p / (p + q)) but the gradient does not, because alpha is detached:
+    d ToDi / d log q_v = q_v g_v with g_v = -alpha_v p_v / q_v + (1 - alpha_v)(log(q_v/p_v) + 1).
+    """
+    lp, lq, p, q = _prepare(log_p, log_q)
+    r = lp - lq
+    alpha = torch.sigmoid(beta * r).detach()
+    return (alpha * p * r - (1.0 - alpha) * q * r).sum(-1)
+
+
+def js_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Jensen-Shannon: JS = 1/2 KL(p || m) + 1/2 KL(q || m), m = (p + q) / 2.
+
+    log m = logaddexp(log p, log q) - log 2 is exact in log space (the reference code adds 1e-9
+    inside the logs instead; the difference is below 1e-8 on the golden example)."""
+    lp, lq, p, q = _prepare(log_p, log_q)
+    lm = torch.logaddexp(lp, lq) - _LOG2
+    return 0.5 * (p * (lp - lm) + q * (lq - lm)).sum(-1)
+
+
+def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Total variation distance: TVD = 1/2 sum_v |p_v - q_v|."""
+    _, _, p, q = _prepare(log_p, log_q)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def skewed_forward_kl(log_p: Tensor, log_q: Tensor, *, skew: float = SKEW_LAMBDA) -> Tensor:
+    """Skewed forward KL (DistiLLM; ToDi reference code): SKL = KL(p || lam p + (1 - lam) q).
+
+    The mixture is formed in log space: log m = logaddexp(log lam + log p, log(1-lam) + log q).
+    """
+    lp, lq, p, _ = _prepare(log_p, log_q)
+    lm = torch.logaddexp(lp + math.log(skew), lq + math.log1p(-skew))
+    return (p * (lp - lm)).sum(-1)
+
+
+def skewed_reverse_kl(log_p: Tensor, log_q: Tensor, *, skew: float = SKEW_LAMBDA) -> Tensor:
+    """Skewed reverse KL (DistiLLM; ToDi reference code): SRKL = KL(q || (1 - lam) p + lam q)."""
+    lp, lq, _, q = _prepare(log_p, log_q)
+    lm = torch.logaddexp(lp + math.log1p(-skew), lq + math.log(skew))
+    return (q * (lq - lm)).sum(-1)
+
+
+def adaptive_kl(log_p: Tensor, log_q: Tensor, *, mu: float = AKL_MU) -> Tensor:
+    """Adaptive KL (Wu et al. 2024, as in the ToDi reference code): one weight per row.
+
+    Sort the outcomes by teacher probability, ascending; the *tail* is the prefix whose
+    cumulative teacher mass is <= mu, the *head* the rest. With the gaps |p_v - q_v|:
+        g_head = sum_head |p - q|,  g_tail = sum_tail |p - q|     (constants: detached)
+        AKL    = g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL
+    When p == q both gaps are 0 (and FKL = RKL = 0): the weights are then 1/2 each, not 0/0.
+    """
+    lp, lq, p, q = _prepare(log_p, log_q)
+    with torch.no_grad():
+        p_sorted, order = p.sort(dim=-1)
+        gap = (p_sorted - q.gather(-1, order)).abs()
+        in_tail = p_sorted.cumsum(-1) <= mu
+        g_tail = (gap * in_tail).sum(-1)
+        g_head = (gap * ~in_tail).sum(-1)
+        total = g_head + g_tail
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        w_head = torch.where(total > 0, g_head / safe, torch.full_like(total, 0.5))
+        w_tail = torch.where(total > 0, g_tail / safe, torch.full_like(total, 0.5))
+    fkl = (p * (lp - lq)).sum(-1)
+    rkl = (q * (lq - lp)).sum(-1)
+    return w_head * fkl + w_tail * rkl
+
+
+_DIVERGENCES: Final[dict[str, Callable[..., Tensor]]] = {
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "todi": todi,
+    "js": js_divergence,
+    "tvd": total_variation,
+    "skl": skewed_forward_kl,
+    "srkl": skewed_reverse_kl,
+    "akl": adaptive_kl,
+}
+
+
+def check_kind(kind: str) -> None:
+    """Raise ValueError unless `kind` is one of `KINDS`."""
+    if kind not in _DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def check_params(beta: float, temperature: float) -> None:
+    """Raise ValueError unless beta > 0 and temperature > 0."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def outcome_divergence(kind: str, log_p: Tensor, log_q: Tensor, *, beta: float = 1.0) -> Tensor:
+    """The divergence `kind` between p and q given as log-probs over outcomes [..., K] -> [...].
+
+    `beta` is ToDi's sigmoid sharpness (ignored by the other kinds); skl/srkl use
+    `SKEW_LAMBDA`, akl uses `AKL_MU`."""
+    check_kind(kind)
+    if log_p.shape != log_q.shape:
+        raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
+    if kind == "todi":
+        return todi(log_p, log_q, beta=beta)
+    return _DIVERGENCES[kind](log_p, log_q)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense form.
+
+
+def dense_divergence(
+    kind: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-position divergence over the full vocabulary: [N, V], [N, V] -> [N].
+
+    p = softmax(teacher / T), q = softmax(student / T), both in float32 (float64 kept). Plain
+    autograd: it materializes several [N, V] temporaries (for tests, evaluation and small V).
+    """
+    check_kind(kind)
+    check_params(beta, temperature)
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"expected student and teacher logits of the same shape [N, V], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    dtype = math_dtype(student_logits.dtype, teacher_logits.dtype)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return outcome_divergence(kind, log_p, log_q, beta=beta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse form: k teacher ids + one tail bucket.
+
+
+def teacher_tail_logprob(topk_logprobs: Tensor) -> Tensor:
+    """log p_tail = log(1 - sum_k p_k) per row, [N, k] -> [N] (same dtype as the math).
+
+    The sum runs in float64 (no float32 cancellation), and the tail is floored at
+    `TEACHER_TAIL_FLOOR`, so top-k masses that sum to 1 (or a hair above, after rounding or a
+    lossy codec) give a tiny positive tail, never log(0) or log of a negative number."""
+    mass = topk_logprobs.to(torch.float64).exp().sum(-1)
+    tail = (1.0 - mass).clamp_min(TEACHER_TAIL_FLOOR)
+    return tail.log().to(math_dtype(topk_logprobs.dtype))
+
+
+def coarsened_teacher(topk_logprobs: Tensor, lq_tail: Tensor) -> Tensor:
+    """Teacher log-probs over (k ids, tail) [c, k+1].
+
+    When the student's tail is exactly empty (the ids cover the vocabulary, or every other entry
+    is masked to -inf) the bucket does not exist: the teacher's tail, then only rounding, is set
+    to -inf too, so the bucket contributes 0 (this is what makes k = V equal the dense form)."""
+    lp_tail = teacher_tail_logprob(topk_logprobs).to(lq_tail.dtype)
+    lp_tail = torch.where(torch.isneginf(lq_tail), torch.full_like(lp_tail, -math.inf), lp_tail)
+    return torch.cat([topk_logprobs.to(lq_tail.dtype), lp_tail[:, None]], dim=1)
