@@ -26,6 +26,7 @@ import asyncio
 import hmac
 import io
 import json
+import logging
 import math
 import threading
 import time
@@ -34,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,9 +54,11 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from todi.common.errors import TodiError
 from todi.services.backends import BackendError, TeacherBackend, TopK, create_backend
+from todi.services.backends.base import MAX_TEMPERATURE, MIN_TEMPERATURE
 from todi.services.batcher import BatchedBackend, BatchStats, DynamicBatcher, ShuttingDown
 from todi.services.config import JobSpec
 from todi.services.settings import ServiceSettings
@@ -75,6 +78,7 @@ ARROW_RESPONSE_SCHEMA = pa.schema(
     ]
 )
 ARROW_METADATA_KEY = b"todi"
+_log = logging.getLogger("todi.services.api")
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,13 +96,44 @@ class ApiError(Exception):
         return _error(self.status, self.message, self.field)
 
 
-def _error(status: int, message: str, field: str | None = None, **extra: Any) -> JSONResponse:
+def _error(
+    status: int, message: str, field: str | None = None, headers=None, **extra: Any
+) -> JSONResponse:
     body: dict[str, Any] = {"detail": message}
     if field:
         body["field"] = field
     body.update(extra)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _parse_reason(cause: BaseException | None) -> str:
+    """Why json.loads refused a body, in words that name no server internals."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not valid UTF-8 at byte {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "an integer has too many digits (limit 4300)"
+    return type(cause).__name__ if cause is not None else "unparseable"
+
+
+class _PathScrubber:
+    """Replaces the server's roots in a message by their names: error bodies never show
+    where the server keeps its files (paths a client gave stay relative to the root)."""
+
+    def __init__(self, storage_root: Path, dataset_root: Path | None) -> None:
+        roots = [(str(storage_root), "<storage_root>")]
+        if dataset_root is not None:
+            roots.append((str(dataset_root), "<dataset_root>"))
+        # The longest first: a dataset root inside the storage root keeps its own name.
+        self.roots = sorted(roots, key=lambda r: -len(r[0]))
+
+    def __call__(self, message: str) -> str:
+        for root, name in self.roots:
+            message = message.replace(root + "/", "").replace(root, name)
+        return message
 
 
 def _loc_to_field(loc: tuple | list) -> str:
@@ -113,19 +148,26 @@ def _loc_to_field(loc: tuple | list) -> str:
 # ----------------------------------------------------------------------------------------
 # request / response models (for validation and the OpenAPI document)
 class LogprobsRequest(BaseModel):
-    """Either `input_ids` (token-id lists) or `texts` (tokenized by the teacher's tokenizer)."""
+    """Either `input_ids` (token-id lists) or `texts` (tokenized by the teacher's tokenizer).
+
+    The limits that depend on the server (max sequences, tokens, characters, max_top_k,
+    max_model_len, vocab_size) are enforced by the routes and published in the OpenAPI
+    document (`_publish_limits`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    input_ids: list[list[StrictInt]] | None = Field(
+    input_ids: list[list[Annotated[StrictInt, Field(ge=0)]]] | None = Field(
         None, description="Token sequences (each >= 2 tokens).", examples=[[[504, 3575, 282]]]
     )
     texts: list[StrictStr] | None = Field(None, description="Texts, tokenized by the teacher.")
-    top_k: StrictInt = Field(description="How many next tokens per position (<= max_top_k).")
+    top_k: StrictInt = Field(ge=1, description="How many next tokens per position (<= max_top_k).")
     temperature: float | None = Field(
         None,
-        description="Softmax temperature T > 0. Default: the engine's one temperature "
-        "(a vllm/remote engine serves exactly one), else 1.0.",
+        strict=True,  # a JSON number: "0.5" is refused
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        description="Softmax temperature T (a JSON number). Default: the engine's one "
+        "temperature (a vllm/remote engine serves exactly one), else 1.0.",
     )
 
 
@@ -611,10 +653,37 @@ def create_app(
     )
     app.state.todi = state
     app.state.metrics = metrics
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The OpenAPI document with every limit the server enforces (`_publish_limits`);
+        not cached until the engine is loaded (its max_top_k, max_model_len, vocab)."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate_openapi()
+        if state.backend is None:
+            app.openapi_schema = None
+        else:
+            _publish_limits(schema, settings, state.backend.info)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    scrub = _PathScrubber(storage_root, settings.dataset_root)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return _error(exc.status, scrub(exc.message), exc.field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 "There was an error parsing the body" for a body json.loads
+        # refuses with anything but JSONDecodeError: invalid UTF-8, an integer over
+        # Python's 4300-digit limit, nesting deeper than the recursion limit. One rule for
+        # every unparseable body: 422 naming `body` and the reason.
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return _error(422, f"body: malformed JSON ({_parse_reason(exc.__cause__)})", "body")
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -630,7 +699,9 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        # The message may hold server paths or internals: it goes to the log, not the body.
+        _log.error("unexpected error in a request", exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
     bearer = HTTPBearer(auto_error=False, description="TODI_API_KEY of the server")
 
@@ -672,6 +743,7 @@ def create_app(
             200: {"content": {ARROW_STREAM: {}}, "description": "JSON, or Arrow IPC on Accept"},
             413: _ERRORS[413],
             422: _ERRORS[422],
+            503: {"model": ErrorResponse, "description": "the server is shutting down"},
         },
     )
     async def logprobs(body: LogprobsRequest, request: Request) -> Response:
@@ -698,6 +770,10 @@ def create_app(
             raise _backend_422(exc, field) from None
         except ShuttingDown as exc:
             raise ApiError(503, str(exc)) from None
+        if not all(np.isfinite(r.logprobs).all() for r in results):
+            # The temperature range keeps log_softmax finite; a backend that still gives
+            # NaN / inf never puts it in a 200 (NaN is not JSON).
+            raise ApiError(422, f"{temperature:g} gives non-finite log-probs", "temperature")
         meta = {"model": engine.info.model, "top_k": top_k, "temperature": temperature}
         if _wants_arrow(request):
             data = await run_in_threadpool(_arrow_body, seqs, results, meta)
@@ -721,8 +797,19 @@ def create_app(
                 field,
             )
         if body.texts is not None:
-            # Tokenizing is CPU work: off the event loop (the body limit bounds its size).
-            seqs = await run_in_threadpool(_tokenize, state.backend.tokenizer, body.texts)
+            # Characters first (free), then tokens as they are counted: a 15 MB body is
+            # refused before any tokenizing, and tokenizing stops at the token limit.
+            # Tokenizing is CPU work: a worker thread, never the event loop or engine thread.
+            chars = sum(len(t) for t in body.texts)
+            if chars > s.effective_max_chars:
+                raise ApiError(
+                    413,
+                    f"{chars} characters exceed max_chars_per_request={s.effective_max_chars}",
+                    field,
+                )
+            seqs = await run_in_threadpool(
+                _tokenize, state.backend.tokenizer, body.texts, s.max_tokens_per_request
+            )
         else:
             seqs = body.input_ids
         total = sum(len(x) for x in seqs)
@@ -745,6 +832,7 @@ def create_app(
             409: {"model": ErrorResponse, "description": "output owned by a different job"},
             422: _ERRORS[422],
             429: {"model": ErrorResponse, "description": "max_concurrent_jobs reached"},
+            503: {"model": ErrorResponse, "description": "the server is shutting down"},
         },
     )
     async def submit_job(spec: JobSpec) -> dict[str, Any]:
@@ -761,6 +849,10 @@ def create_app(
             job_id = await run_in_threadpool(state.jobs.submit, spec)
         except TodiError as exc:
             raise _job_error(exc) from None
+        except OSError as exc:  # a path the OS refuses (too long, a loop, no permission)
+            name = str(exc.filename or "")
+            field = "out" if name.startswith(str(storage_root)) else "dataset"
+            raise ApiError(422, f"{field}: {exc.strerror or exc}: {name}", field) from None
         p = state.jobs.get(job_id)
         return {"job_id": job_id, "state": p.state, "out": p.out}
 
@@ -794,6 +886,40 @@ def create_app(
     return app
 
 
+def _array_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    """The array schema of an optional list property (`anyOf: [array, null]`)."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "array":
+            return branch
+    return prop
+
+
+def _publish_limits(schema: dict[str, Any], settings: ServiceSettings, info: Any) -> None:
+    """Declare in the OpenAPI document the ranges the routes enforce, so generated clients
+    and schema-driven fuzzers can build valid requests: list lengths (413 past them),
+    max_top_k, max_model_len and the vocabulary (422 past them)."""
+    comps = schema.get("components", {}).get("schemas", {})
+    req = comps.get("LogprobsRequest", {}).get("properties", {})
+    if req:
+        seqs = _array_branch(req["input_ids"])
+        seqs.update(minItems=1, maxItems=settings.max_sequences_per_request)
+        seqs["items"].update(minItems=2, maxItems=info.max_model_len)
+        seqs["items"]["items"].update(minimum=0, maximum=info.vocab_size - 1)
+        texts = _array_branch(req["texts"])
+        texts.update(minItems=1, maxItems=settings.max_sequences_per_request)
+        texts["items"].update(minLength=1, maxLength=settings.effective_max_chars)
+        req["top_k"]["maximum"] = info.max_top_k
+    job = comps.get("JobSpec", {}).get("properties", {})
+    if job:
+        job["top_k"]["maximum"] = min(job["top_k"].get("maximum", info.max_top_k), info.max_top_k)
+    if info.temperatures is not None:
+        for props in (req, job):
+            if props:
+                t = props["temperature"]
+                t.pop("anyOf", None)
+                t.update(type="number", enum=list(info.temperatures))
+
+
 def _job_or_404(call: Callable[[str], Any], job_id: str) -> Any:
     from todi.services.jobs import JobNotFoundError
 
@@ -806,7 +932,7 @@ def _job_or_404(call: Callable[[str], Any], job_id: str) -> Any:
 def _job_error(exc: TodiError) -> ApiError | TodiError:
     """A refused job submission, mapped by type to its HTTP status (the field from the error)."""
     from todi.services.datasets import DatasetError
-    from todi.services.jobs import JobConflictError, JobLimitError, JobPathError
+    from todi.services.jobs import JobConflictError, JobError, JobLimitError, JobPathError
 
     statuses = (
         (BackendError, 422, None),
@@ -818,11 +944,23 @@ def _job_error(exc: TodiError) -> ApiError | TodiError:
     for kind, status, default_field in statuses:
         if isinstance(exc, kind):
             return ApiError(status, str(exc), exc.field or default_field)
-    return exc
+    if isinstance(exc, JobError):  # the manager is shutting down
+        return ApiError(503, str(exc), exc.field)
+    return ApiError(422, str(exc), exc.field)
 
 
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return [list(map(int, ids)) for ids in tokenizer(texts)["input_ids"]]
+def _tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Tokenize text by text; stop once the count passes `max_tokens` (the caller then
+    answers 413 from the partial count: the rest is never tokenized)."""
+    out: list[list[int]] = []
+    total = 0
+    for text in texts:
+        ids = [int(t) for t in tokenizer(text)["input_ids"]]
+        out.append(ids)
+        total += len(ids)
+        if total > max_tokens:
+            break
+    return out
 
 
 def _backend_422(exc: BackendError, field: str) -> ApiError:

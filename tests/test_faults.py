@@ -1,0 +1,121 @@
+"""Storage faults: a full disk, an unwritable output, temp files left by dead writers.
+
+The disk is a real small tmpfs (the tests mount one; they skip where mounting is not
+allowed). A failed write names the file, leaves no temp file, and the set stays valid and
+resumable; a later writer or `shards verify --clean` removes what a dead writer left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from typer.testing import CliRunner
+
+from tests.test_storage import make_meta, make_samples
+from todi.cli import app
+from todi.storage import ShardSetWriter, open_shard_set, verify_shard_set
+from todi.storage import fs as sfs
+
+
+def _mount(path: Path, options: str) -> None:
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 256 KiB tmpfs; remount it larger with `grow()`."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount(disk, "size=256k")
+
+    def grow(size: str = "64m") -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+    yield disk, grow
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def temp_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-"))
+
+
+def test_disk_full_names_the_path_leaves_no_temp_file_and_resumes(small_disk) -> None:
+    disk, grow = small_disk
+    out = disk / "set"
+    samples = make_samples(400, seed=3, lengths=(30, 60))
+    with (
+        pytest.raises(OSError) as info,
+        ShardSetWriter(out, make_meta(), positions_per_shard=400) as w,
+    ):
+        for s in samples:  # until the disk fills
+            w.write(s)
+    assert info.value.errno == 28, info.value
+    assert str(out) in str(info.value), info.value  # the path is named
+    assert temp_files(out) == []
+    report = verify_shard_set(out)
+    assert report.ok, report.problems
+    done = {s.sample_id for s in open_shard_set(out)}
+    assert done and len(done) < len(samples)
+    # Space freed: the next writer resumes with the samples not yet in whole shards.
+    grow()
+    with ShardSetWriter(out, make_meta(), positions_per_shard=400) as w:
+        for s in samples:
+            if s.sample_id not in done:
+                w.write(s)
+    got = [s.sample_id for s in open_shard_set(out)]
+    assert sorted(got) == sorted(s.sample_id for s in samples)  # every sample exactly once
+    assert verify_shard_set(out).ok and temp_files(out) == []
+
+
+def test_unwritable_output_names_the_path(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _mount(ro, "size=1m,ro")
+    try:
+        with pytest.raises(OSError) as info:
+            ShardSetWriter(ro / "set", make_meta())
+        assert str(ro / "set") in str(info.value), info.value
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_stale_temp_files_are_reported_and_removed(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    with ShardSetWriter(out, make_meta()) as w:
+        w.write_many(make_samples(5))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone
+    host = sfs._host()
+    stale = [
+        out / f".tmp-{dead.pid}@{host}-part-0123456789abcdef.parquet",
+        out / f".tmp-{dead.pid}-manifest.json",  # the older name, no host
+    ]
+    alive = out / f".tmp-{os.getpid()}@{host}-part-live.parquet"  # this process: alive
+    other_host = out / f".tmp-{dead.pid}@elsewhere-part-x.parquet"  # may be alive there
+    for p in (*stale, alive, other_host):
+        p.write_bytes(b"half a shard")
+    report = verify_shard_set(out)
+    assert report.ok
+    flagged = [w for w in report.warnings if "temp file" in w]
+    assert sorted(flagged) == sorted(
+        f"{p}: temp file of a writer that is gone (remove with --clean)" for p in stale
+    )
+    r = CliRunner().invoke(app, ["shards", "verify", str(out)])
+    assert r.exit_code == 0 and "temp file of a writer that is gone" in r.output, r.output
+    r = CliRunner().invoke(app, ["shards", "verify", "--clean", str(out)])
+    assert r.exit_code == 0 and r.output.count("removed: ") == 2, r.output
+    assert not any(p.exists() for p in stale) and alive.exists() and other_host.exists()
+    # The next writer also removes a dead writer's leftovers.
+    stale[0].write_bytes(b"again")
+    w = ShardSetWriter(out, make_meta())
+    assert w.removed_temp_files == [str(stale[0])]
+    w.close()
+    assert sfs.stale_temp_files(pafs.LocalFileSystem(), str(out)) == []
