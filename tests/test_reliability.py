@@ -136,8 +136,8 @@ def test_dataset_outside_the_dataset_root(
         r = rclient.post("/v1/jobs", json={"dataset": dataset, "out": "o", "top_k": 2})
         assert r.status_code == 400, r.text
         err = r.json()
-        assert err["field"] == "dataset" and "dataset root" in err["detail"], err
-        assert "storage root" not in err["detail"], err
+        assert err["field"] == "dataset" and "storage root" not in err["detail"], err
+        assert "dataset root" in err["detail"] or ".." in err["detail"], err
         no_server_path(r, rserver)
     r = rclient.post("/v1/jobs", json={"dataset": "missing.jsonl", "out": "o", "top_k": 2})
     assert r.status_code == 422 and r.json()["field"] == "dataset", r.text

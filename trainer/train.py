@@ -750,14 +750,24 @@ def _root_error(exc: BaseException) -> str:
     the message; anything else is reported by the last line of Ray's text.
     """
     pending: list[BaseException] = [exc, *getattr(exc, "worker_failures", {}).values()]
+    seen: list[BaseException] = []
     while pending:
         err = pending.pop(0)
+        if any(err is e for e in seen):
+            continue
+        seen.append(err)
         if isinstance(err, TodiError) and not hasattr(err, "worker_failures"):
             cause = getattr(err, "cause", None)  # a RayTaskError posing as its cause's type
+            # The first line: Ray Data appends its retry advice on the lines after it.
             return first_line(cause if isinstance(cause, TodiError) else err)
         pending += [e for e in (getattr(err, "cause", None), err.__cause__) if e is not None]
+    # No TodiError: the innermost error that is not Ray's wrapper, by its first line (Ray's
+    # last line is its retry advice, which names nothing).
+    for err in reversed(seen):
+        if not type(err).__module__.startswith("ray.") and str(err).strip():
+            return f"{type(err).__name__}: {first_line(err)}"
     lines = [x for x in str(exc).splitlines() if x.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    return lines[0] if lines else type(exc).__name__
 
 
 def prepare_run(cfg: TrainConfig):
