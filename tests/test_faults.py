@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 from typer.testing import CliRunner
 
+from tests import test_train
 from tests.test_storage import make_meta, make_samples
 from todi.cli import app
 from todi.storage import ShardSetWriter, open_shard_set, verify_shard_set
@@ -119,3 +120,36 @@ def test_stale_temp_files_are_reported_and_removed(tmp_path: Path) -> None:
     assert w.removed_temp_files == [str(stale[0])]
     w.close()
     assert sfs.stale_temp_files(pafs.LocalFileSystem(), str(out)) == []
+
+
+# -- a corrupt shard inside Ray: the original message, naming the file, no retries -------------
+# The training fixtures, shared with tests/test_train.py (session-scoped there).
+hf_teacher = test_train.hf_teacher
+train_shards = test_train.train_shards
+tiny_student = test_train.tiny_student
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_corrupt_shard_in_a_ray_run_names_the_file(
+    ray_cluster, train_shards, tiny_student, tmp_path: Path
+) -> None:
+    import shutil
+    import time
+
+    from todi.trainer.train import TrainError, train
+
+    broken = tmp_path / "broken"
+    shutil.copytree(train_shards, broken)
+    victim = sorted(broken.glob("*.parquet"))[-1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    started = time.monotonic()
+    with pytest.raises(TrainError) as info:
+        cfg = test_train._config(broken, tiny_student, tmp_path / "o", verify=False, max_failures=2)
+        train(cfg)
+    message = str(info.value)
+    print(f"failed after {time.monotonic() - started:.1f}s: {message}")
+    assert victim.name in message and "sha256" in message, message
+    assert "\n" not in message and "retry" not in message, message
