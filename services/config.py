@@ -35,11 +35,13 @@ class JobSpec(BaseModel):
     dataset: str = Field(
         min_length=1,
         max_length=MAX_PATH_CHARS,
+        examples=["train.jsonl"],
         description="JSONL / Parquet file, a folder of them, or a Hugging Face datasets folder",
     )
     out: str = Field(
         min_length=1,
         max_length=MAX_PATH_CHARS,
+        examples=["sets/train"],
         description="output shard-set folder; under the service, relative to its storage root",
     )
     top_k: int = Field(gt=0, le=4096, description="teacher log-probs kept per position")
