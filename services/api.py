@@ -154,7 +154,11 @@ class LogprobsRequest(BaseModel):
     max_model_len, vocab_size) are enforced by the routes and published in the OpenAPI
     document (`_publish_limits`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # Exactly one of the two (checked in `_sequences`), declared for generated clients.
+        json_schema_extra={"oneOf": [{"required": ["input_ids"]}, {"required": ["texts"]}]},
+    )
 
     input_ids: list[list[Annotated[StrictInt, Field(ge=0)]]] | None = Field(
         None, description="Token sequences (each >= 2 tokens).", examples=[[[504, 3575, 282]]]

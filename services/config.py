@@ -66,7 +66,11 @@ class JobSpec(BaseModel):
     )
     ray: bool = Field(False, description="run on a Ray cluster with a pool of teacher actors")
     num_actors: int = Field(2, ge=1, le=1024, description="teacher actors in --ray mode")
-    job_id: str | None = Field(None, description="job id (default: generated)")
+    job_id: str | None = Field(
+        None,
+        description="job id (default: generated)",
+        json_schema_extra={"pattern": _JOB_ID.pattern},  # checked by _job_id (its message)
+    )
     name: str | None = Field(None, max_length=200, description="free-form label")
 
     @field_validator("dataset", "out")
