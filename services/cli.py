@@ -286,7 +286,7 @@ def _precompute_local(
 ) -> dict[str, Any]:
     from pydantic import ValidationError
 
-    from todi.services.api import _progress_dict
+    from todi.services.api_metrics import progress_dict as _progress_dict
     from todi.services.backends import create_backend
     from todi.services.config import JobSpec, validation_message
     from todi.services.jobs import run_precompute
