@@ -153,3 +153,45 @@ def test_corrupt_shard_in_a_ray_run_names_the_file(
     print(f"failed after {time.monotonic() - started:.1f}s: {message}")
     assert victim.name in message and "sha256" in message, message
     assert "\n" not in message and "retry" not in message, message
+
+
+# -- a full disk under a precompute job -------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_job_on_a_full_disk_fails_naming_the_path_and_resumes(hf_teacher, tmp_path: Path) -> None:
+    """A job whose output folder is a 96 KiB tmpfs: it fails with an error naming the
+    shard path, leaves no temp file and a valid partial set; after the disk grows, the
+    same job resumes and holds every sample exactly once."""
+    import json
+
+    from todi.services.jobs import JobManager
+
+    root = tmp_path / "root"
+    disk = root / "full"
+    disk.mkdir(parents=True)
+    _mount(disk, "size=96k")
+    try:
+        data = tmp_path / "rows.jsonl"
+        rows = [{"id": f"r{i}", "text": f"row {i}: " + "lorem ipsum " * 12} for i in range(40)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec = {"dataset": str(data), "out": "full/set", "top_k": 16, "positions_per_shard": 40}
+        manager = JobManager(root, hf_teacher)
+        job_id = manager.submit(spec)
+        p = manager.wait(job_id, timeout=300)
+        assert p.state == "failed", p
+        assert "No space left on device" in p.error and str(disk / "set") in p.error, p.error
+        out = disk / "set"
+        assert temp_files(out) == []
+        assert verify_shard_set(out).ok
+        done = {s.sample_id for s in open_shard_set(out)}
+        assert len(done) < len(rows)
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert manager.submit(spec) == job_id  # the same job, resumed
+        p = manager.wait(job_id, timeout=300)
+        assert p.state == "succeeded", p.error
+        ids = [s.sample_id for s in open_shard_set(out)]
+        assert len(ids) == len(set(ids)) == len(rows)
+        assert verify_shard_set(out).ok and temp_files(out) == []
+        manager.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
