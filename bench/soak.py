@@ -184,17 +184,28 @@ def crash_phase(srv: Server, work: Path, kills: int, rows: int, seed: int) -> di
     assert r.status_code == 202, r.text
     job = r.json()["job_id"]
     for _ in range(kills):
-        # Random instants spread over the job: on average the kills land in its first
-        # three quarters, so most hit it mid-run (between, inside or around shard writes).
-        delay = rng.uniform(0.2, 1.5 * job_seconds / kills)
+        # A quarter of the kills land anywhere after a (re)start, the resume scan included;
+        # the rest once the job computes again, at a random instant over about two job
+        # shares (between, inside or around shard writes and manifest commits).
+        phase = "any" if rng.random() < 0.25 else "compute"
+        if phase == "compute":
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                p = c.get(f"/v1/jobs/{job}").json()
+                if p["state"] != "running" or p["sequences_done"] > p["resumed_sequences"]:
+                    break
+                time.sleep(0.05)
+        delay = rng.uniform(0.05, 1.5 * job_seconds / kills)
         time.sleep(delay)
         p = c.get(f"/v1/jobs/{job}").json()
         srv.kill9()
         landed.append(
             {
+                "phase": phase,
                 "after_s": round(delay, 2),
                 "state": p["state"],
                 "sequences_done": p.get("sequences_done"),
+                "resumed": p.get("resumed_sequences"),
                 "shards": p.get("shards"),
             }
         )
