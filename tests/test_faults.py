@@ -195,3 +195,39 @@ def test_job_on_a_full_disk_fails_naming_the_path_and_resumes(hf_teacher, tmp_pa
         manager.shutdown()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# -- corruption: verify, the reader and the trainer's check all refuse, naming the file ------
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest-rows", "manifest-sha"])
+def test_corruption_is_refused_naming_the_file(tmp_path: Path, damage: str) -> None:
+    import json
+
+    from todi.storage import ShardFormatError
+    from todi.trainer.data import DataError, open_for_training
+
+    out = tmp_path / "set"
+    with ShardSetWriter(out, make_meta(), positions_per_shard=60) as w:
+        w.write_many(make_samples(30, seed=5))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) > 2
+    victim = out / manifest["shards"][1]["file"]
+    if damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        victim.write_bytes(bytes(data))
+    elif damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:-100])
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        key = "rows" if damage == "manifest-rows" else "sha256"
+        value = manifest["shards"][1][key]
+        manifest["shards"][1][key] = value + 1 if key == "rows" else "0" * 64
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_shard_set(out)
+    assert not report.ok and any(victim.name in p for p in report.problems), report.problems
+    with pytest.raises(ShardFormatError, match=victim.name):
+        for _ in open_shard_set(out):
+            pass
+    with pytest.raises(DataError, match=victim.name):
+        open_for_training(str(out))
