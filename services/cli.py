@@ -84,6 +84,9 @@ def serve(
     ),
     max_sequences_per_request: int = typer.Option(256, "--max-sequences-per-request"),
     max_tokens_per_request: int = typer.Option(65_536, "--max-tokens-per-request"),
+    max_chars_per_request: int | None = typer.Option(
+        None, "--max-chars-per-request", help="Default: 8 x --max-tokens-per-request."
+    ),
     max_body_bytes: int = typer.Option(16 * 1024 * 1024, "--max-body-bytes"),
     max_concurrent_jobs: int = typer.Option(1, "--max-concurrent-jobs"),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms"),
@@ -120,6 +123,7 @@ def serve(
             dataset_root=dataset_root,
             max_sequences_per_request=max_sequences_per_request,
             max_tokens_per_request=max_tokens_per_request,
+            max_chars_per_request=max_chars_per_request,
             max_body_bytes=max_body_bytes,
             max_concurrent_jobs=max_concurrent_jobs,
             batch_window_ms=batch_window_ms,
@@ -257,7 +261,7 @@ def _precompute_local(
     from pydantic import ValidationError
 
     from todi.common.validation import validation_message
-    from todi.services.api import _progress_dict
+    from todi.services.api_metrics import progress_dict as _progress_dict
     from todi.services.backends import create_backend
     from todi.services.config import JobSpec
     from todi.services.jobs import run_job

@@ -14,6 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from todi.services.backends.base import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+# Paths in a job: at most this many characters, each component at most NAME_MAX bytes
+# (a longer one made the OS raise ENAMETOOLONG deep inside a request).
+MAX_PATH_CHARS = 1024
+MAX_NAME_BYTES = 255
+
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Fields that determine which samples the set holds and their values.
@@ -26,13 +33,25 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     dataset: str = Field(
-        description="JSONL / Parquet file, a folder of them, or a Hugging Face datasets folder"
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        examples=["train.jsonl"],
+        description="JSONL / Parquet file, a folder of them, or a Hugging Face datasets folder",
     )
     out: str = Field(
-        description="output shard-set folder; under the service, relative to its storage root"
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        examples=["sets/train"],
+        description="output shard-set folder; under the service, relative to its storage root",
     )
     top_k: int = Field(gt=0, le=4096, description="teacher log-probs kept per position")
-    temperature: float = Field(1.0, gt=0, description="teacher softmax temperature")
+    temperature: float = Field(
+        1.0,
+        strict=True,  # a number, never the string "0.5"
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        description="teacher softmax temperature",
+    )
     max_seq_len: int | None = Field(
         None, ge=2, description="truncate sequences to this many tokens (prompt kept)"
     )
@@ -47,7 +66,11 @@ class JobSpec(BaseModel):
     )
     ray: bool = Field(False, description="run on a Ray cluster with a pool of teacher actors")
     num_actors: int = Field(2, ge=1, le=1024, description="teacher actors in --ray mode")
-    job_id: str | None = Field(None, description="job id (default: generated)")
+    job_id: str | None = Field(
+        None,
+        description="job id (default: generated)",
+        json_schema_extra={"pattern": _JOB_ID.pattern},  # checked by _job_id (its message)
+    )
     name: str | None = Field(None, max_length=200, description="free-form label")
 
     @field_validator("dataset", "out")
@@ -57,6 +80,11 @@ class JobSpec(BaseModel):
             raise ValueError("must be a non-empty path")
         if "\x00" in v:
             raise ValueError("must not contain NUL bytes")
+        for part in v.split("/"):
+            if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+                raise ValueError(
+                    f"a path component is longer than {MAX_NAME_BYTES} bytes ({part[:24]!r}...)"
+                )
         return v
 
     @field_validator("temperature")

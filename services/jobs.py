@@ -87,11 +87,9 @@ def confine(root: str | os.PathLike[str], path: str, what: str = "out") -> Path:
     """
     real_root = Path(os.path.realpath(root))
     text = str(path)
+    where = "the dataset root" if what == "dataset" else "the storage root"
     if is_uri(text):
-        raise JobPathError(
-            f"{what}: {text!r} must be a path under the storage root, not a URI",
-            field=what,
-        )
+        raise JobPathError(f"{what}: {text!r} must be a path under {where}, not a URI", field=what)
     if "\x00" in text:
         raise JobPathError(f"{what}: path contains a NUL byte", field=what)
     p = Path(text)
@@ -99,19 +97,19 @@ def confine(root: str | os.PathLike[str], path: str, what: str = "out") -> Path:
         raise JobPathError(f"{what}: {text!r} must not contain '..'", field=what)
     candidate = p if p.is_absolute() else Path(root) / p
     # realpath resolves every existing component (symlinks included); the rest stays as is.
-    resolved = Path(os.path.realpath(candidate))
+    try:
+        resolved = Path(os.path.realpath(candidate))
+    except OSError as exc:  # ENAMETOOLONG, ELOOP: the path is the client's fault
+        raise JobPathError(
+            f"{what}: {text!r} is not a usable path ({exc.strerror})", field=what
+        ) from None
     try:
         rel = resolved.relative_to(real_root)
     except ValueError:
-        raise JobPathError(
-            f"{what}: {text!r} resolves to {resolved}, outside the storage root {real_root}",
-            field=what,
-        ) from None
+        # The resolved path is not shown: it would tell a client where the server's files are.
+        raise JobPathError(f"{what}: {text!r} resolves outside {where}", field=what) from None
     if not rel.parts:
-        raise JobPathError(
-            f"{what}: {text!r} is the storage root itself; name a folder in it",
-            field=what,
-        )
+        raise JobPathError(f"{what}: {text!r} is {where} itself; name a folder in it", field=what)
     if rel.parts[0] == JOBS_DIR:
         raise JobPathError(
             f"{what}: {text!r} is inside the job records folder {JOBS_DIR}",

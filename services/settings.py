@@ -44,6 +44,12 @@ class ServiceSettings(BaseModel):
     # -- request limits ---------------------------------------------------------------
     max_sequences_per_request: int = Field(256, ge=1)
     max_tokens_per_request: int = Field(65_536, ge=2)
+    max_chars_per_request: int | None = Field(
+        None,
+        ge=2,
+        description="Characters in all `texts` of a request, checked before tokenizing "
+        "(default 8 x max_tokens_per_request).",
+    )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_concurrent_jobs: int = Field(1, ge=1)
 
@@ -54,6 +60,10 @@ class ServiceSettings(BaseModel):
     max_batch_tokens: int = Field(
         16_384, ge=2, description="Token budget of one gathered engine call."
     )
+
+    @property
+    def effective_max_chars(self) -> int:
+        return self.max_chars_per_request or 8 * self.max_tokens_per_request
 
     @field_validator("storage_root", "dataset_root")
     @classmethod

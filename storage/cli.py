@@ -44,9 +44,16 @@ def inspect(
 
 
 @app.command()
-def verify(path: str = typer.Argument(..., help="Shard set directory or URI.")) -> None:
+def verify(
+    path: str = typer.Argument(..., help="Shard set directory or URI."),
+    clean: bool = typer.Option(
+        False, "--clean", help="Remove temp files left by writers that are gone."
+    ),
+) -> None:
     """Check every checksum, the schema and metadata consistency; exit 2 on any problem."""
-    report = verify_shard_set(path)
+    report = verify_shard_set(path, clean=clean)
+    for r in report.removed:
+        print(f"removed: {r}")
     for w in report.warnings:
         print(f"warning: {w}")
     if not report.ok:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import socket
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -42,21 +45,44 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+_TMP_PREFIX = ".tmp-"
+# `.tmp-<pid>@<host>-<name>`: the writer's process and host, so a later writer can tell a
+# dead writer's leftover from a live writer's file. (`.tmp-<pid>-<name>`: older writers.)
+_TMP_NAME = re.compile(r"^\.tmp-(\d+)(?:@([^/]*?))?-(.+)$")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_").replace("/", "_") or "localhost"
+
+
+def temp_name(name: str) -> str:
+    return f"{_TMP_PREFIX}{os.getpid()}@{_host()}-{name}"
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write `data` so that readers see either the old object or the whole new one.
 
     Local: temp file in the same directory, fsync, rename, fsync the directory (a crash at
-    any instant leaves either no file or the whole file). Object stores: a single PUT is
-    already atomic, so write in place.
+    any instant leaves either no file or the whole file). A failed write (a full disk, an
+    unwritable folder) removes its temp file and raises OSError naming `path`. Object
+    stores: a single PUT is already atomic, so write in place.
     """
     if is_local(fs):
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = os.path.join(directory, temp_name(os.path.basename(path)))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                # `[Errno 28] No space left on device` alone names no file.
+                raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+            raise
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -65,3 +91,44 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temp_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Temp files in `root` left by a writer of THIS host that is no longer running (killed,
+    or an older version that did not clean up). Another host's temp files are never stale
+    here: its writer may be alive."""
+    if not is_local(fs) or not os.path.isdir(root):
+        return []
+    out = []
+    for name in sorted(os.listdir(root)):
+        m = _TMP_NAME.match(name)
+        if m is None:
+            continue
+        host = m.group(2)
+        if host is not None and host != _host():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        out.append(os.path.join(root, name))
+    return out
+
+
+def remove_stale_temp_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Remove `stale_temp_files(root)`; return the paths removed."""
+    removed = []
+    for path in stale_temp_files(fs, root):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    return removed

@@ -316,6 +316,7 @@ class VerifyReport:
     positions: int = 0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # stale temp files removed (clean=True)
 
     @property
     def ok(self) -> bool:
@@ -323,14 +324,18 @@ class VerifyReport:
 
 
 def verify_shard_set(
-    location: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None
+    location: str | os.PathLike[str],
+    *,
+    filesystem: pafs.FileSystem | None = None,
+    clean: bool = False,
 ) -> VerifyReport:
     """Check every listed shard: size, sha256, Parquet page checksums, schema, footer
     metadata against the manifest, row and position counts, every sample's contents
     (vocabulary, shapes, finite non-positive log-probs) and duplicate sample ids.
 
     Problems name the offending file. Unlisted Parquet files (left by a crash before their
-    manifest commit) are warnings, not problems: readers never see them.
+    manifest commit) and temp files of writers that are gone are warnings, not problems:
+    readers never see them. `clean` removes those temp files (`report.removed`).
     """
     fs, root = sfs.resolve(location, filesystem)
     report = VerifyReport(root)
@@ -381,6 +386,14 @@ def verify_shard_set(
     for entry in entries:
         if entry.base_name.endswith(SHARD_SUFFIX) and entry.base_name not in listed:
             report.warnings.append(f"{entry.path}: not listed in the manifest (ignored)")
+    stale = sfs.stale_temp_files(fs, root)
+    if clean:
+        report.removed = sfs.remove_stale_temp_files(fs, root)
+    else:
+        for path in stale:
+            report.warnings.append(
+                f"{path}: temp file of a writer that is gone (remove with --clean)"
+            )
     return report
 
 

@@ -194,6 +194,9 @@ class ShardSetWriter:
         self.positions_per_shard = positions_per_shard
         self._buffer: list[Sample] = []
         self._buffered_positions = 0
+        # A writer killed or out of disk before may have left temp files: this one removes
+        # them (only those whose writer process on this host is gone).
+        self.removed_temp_files = sfs.remove_stale_temp_files(self.fs, self.root)
         # Creating/validating the manifest up front refuses a signature clash before any work.
         self.manifest = commit_shards(
             self.root, metadata, complete=False, job=job, filesystem=self.fs

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 
-from todi.common.errors import TodiError
+from todi.common.errors import TodiError, first_line
 from todi.storage import (
     IGNORE_INDEX,
     Batch,
@@ -191,9 +191,18 @@ def _make_datasource(shard_set: ShardSet, shards: list):
             for info in shards:
 
                 def read(info=info) -> Iterator[pa.Table]:
+                    # Every failure names the file in one line (pyarrow's page-checksum
+                    # error names none); a ShardFormatError is data, never retried.
                     pf = shard_set.open_shard_file(info)
                     for i in range(pf.num_row_groups):
-                        yield pf.read_row_group(i).replace_schema_metadata(None)
+                        try:
+                            group = pf.read_row_group(i)
+                        except (pa.ArrowException, OSError) as exc:
+                            raise ShardFormatError(
+                                f"{shard_set.path(info)}: row group {i} is unreadable "
+                                f"({first_line(exc)})"
+                            ) from None
+                        yield group.replace_schema_metadata(None)
 
                 meta = BlockMetadata(
                     num_rows=info.rows,

@@ -808,6 +808,35 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= cfg.workers
 
 
+def _data_errors_are_final():
+    """A Ray Train callback that ends the run at a worker's data error (a corrupt or missing
+    shard): retrying from a checkpoint would read the same bytes again. Raising in the
+    controller's hook stops it without the `max_failures` worker-group restarts; the driver
+    then reports the worker's own message (`_root_error`)."""
+    from ray.train import UserCallback
+
+    class DataErrorsAreFinal(UserCallback):
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            for exc in worker_exceptions.values():
+                if _data_error(exc) is not None:
+                    raise TrainError(_root_error(exc))
+
+    return DataErrorsAreFinal()
+
+
+def _data_error(exc: BaseException) -> BaseException | None:
+    """The ShardFormatError / DataError in `exc`'s causes, if any."""
+    from todi.storage import ShardFormatError
+
+    pending, seen = [exc], 0
+    while pending and seen < 64:
+        err, seen = pending.pop(0), seen + 1
+        if isinstance(err, ShardFormatError | DataError):
+            return err
+        pending += [e for e in (getattr(err, "cause", None), err.__cause__) if e is not None]
+    return None
+
+
 def _root_error(exc: BaseException) -> str:
     """The first line of the worker's own error, for a one-line CLI message.
 
@@ -816,14 +845,32 @@ def _root_error(exc: BaseException) -> str:
     the message; anything else is reported by the last line of Ray's text.
     """
     pending: list[BaseException] = [exc, *getattr(exc, "worker_failures", {}).values()]
+    seen: list[BaseException] = []
     while pending:
         err = pending.pop(0)
+        if any(err is e for e in seen):
+            continue
+        seen.append(err)
         if isinstance(err, TodiError) and not hasattr(err, "worker_failures"):
             cause = getattr(err, "cause", None)  # a RayTaskError posing as its cause's type
+            # The first line: Ray Data appends its retry advice on the lines after it.
             return first_line(cause if isinstance(cause, TodiError) else err)
-        pending += [e for e in (getattr(err, "cause", None), err.__cause__) if e is not None]
+        pending += [
+            e
+            for e in (
+                getattr(err, "cause", None),
+                getattr(err, "controller_failure", None),  # our callback's TrainError
+                err.__cause__,
+            )
+            if e is not None
+        ]
+    # No TodiError: the innermost error that is not Ray's wrapper, by its first line (Ray's
+    # last line is its retry advice, which names nothing).
+    for err in reversed(seen):
+        if not type(err).__module__.startswith("ray.") and str(err).strip():
+            return f"{type(err).__name__}: {first_line(err)}"
     lines = [x for x in str(exc).splitlines() if x.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    return lines[0] if lines else type(exc).__name__
 
 
 def prepare_run(cfg: TrainConfig):
@@ -1064,6 +1111,7 @@ def _trainer(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            callbacks=[_data_errors_are_final()],
         ),
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ingest),

@@ -27,6 +27,11 @@ import numpy as np
 from todi.common.errors import TodiError
 from todi.storage.schema import TopK
 
+# The temperatures any backend accepts: log_softmax(z / T) stays finite in float32 over
+# this range (T = 1e-38 overflowed z / T to inf and returned NaN log-probs).
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e3
+
 
 @dataclass(frozen=True)
 class TeacherInfo:
@@ -112,6 +117,11 @@ class TeacherBackend(ABC):
             raise BackendError("temperature", f"must be a number, got {temperature!r}") from None
         if not (math.isfinite(temperature) and temperature > 0):
             raise BackendError("temperature", f"must be a finite number > 0, got {temperature}")
+        if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+            raise BackendError(
+                "temperature",
+                f"{temperature:g} is outside [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
+            )
         if info.temperatures is not None and not any(
             math.isclose(temperature, t, rel_tol=1e-9, abs_tol=0.0) for t in info.temperatures
         ):
