@@ -77,6 +77,18 @@ def train_command(
     online_quantize: bool = typer.Option(
         None, "--online-quantize", help="Round online targets through the shard codec."
     ),
+    report_to: str = typer.Option(
+        None,
+        "--report-to",
+        help="Experiment trackers, comma-separated: tensorboard,mlflow,wandb | all | none "
+        "[none]. Offline, under --out.",
+    ),
+    eval_shards: str = typer.Option(
+        None, "--eval-shards", help="Held-out shard set: evaluate the exported model at the end."
+    ),
+    eval_max_samples: int = typer.Option(
+        None, "--eval-max-samples", help="Evaluate only the first N held-out samples."
+    ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar [on]."),
 ) -> None:
     """Train a student on a shard set with Ray Train (DDP), ToDi or another divergence."""
@@ -84,13 +96,16 @@ def train_command(
     from storage import ShardFormatError
     from trainer.config import ConfigError, load_config
     from trainer.data import DataError
+    from trainer.evaluate import EvalError
     from trainer.online import OnlineTeacherError
     from trainer.student import StudentError
+    from trainer.tracking import TrackingError
     from trainer.train import TrainError, train
 
     with user_errors(
-        ConfigError, DataError, StudentError, TrainError, ShardFormatError, OnlineTeacherError
-    ):
+        ConfigError, DataError, StudentError, TrainError, ShardFormatError, OnlineTeacherError,
+        TrackingError, EvalError,
+    ):  # fmt: skip
         cfg = load_config(config, overrides)
         summary = train(cfg)
     typer.echo(json.dumps(summary.to_dict()))

@@ -73,6 +73,7 @@ from trainer.student import (
     parse_student_spec,
     save_student,
 )
+from trainer.tracking import finish_run, open_run_trackers
 
 RUN_NAME = "train"
 STATE_FILE = "trainer_state.pt"
@@ -614,6 +615,7 @@ class TrainSummary:
     vocab_limit: int
     jemalloc: str | None
     startup_s: float | None  # fit() until the first step began (cluster, workers, model)
+    eval: dict[str, Any] | None = None  # --eval-shards: the exported model's held-out metrics
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -625,8 +627,11 @@ class _MetricsSink:
     A restart or resume replays steps after its checkpoint: a record whose step is not past
     the last one truncates the log back to before it, so every step appears once."""
 
-    def __init__(self, queue, log_path: Path, total: int | None, progress: bool) -> None:
+    def __init__(
+        self, queue, log_path: Path, total: int | None, progress: bool, trackers=None
+    ) -> None:
         self.queue = queue
+        self.trackers = trackers  # trainer.tracking.Trackers: --report-to
         self.log_path = log_path
         self.records: list[dict] = []
         if log_path.is_file():
@@ -668,6 +673,8 @@ class _MetricsSink:
         self.records.append(record)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            self.trackers.log_step(record)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(
@@ -834,6 +841,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             f"the shard set has {shard_set.num_rows} rows, fewer than --workers {cfg.workers}"
         )
     total = _schedule_total(cfg, shard_set.num_rows)
+    trackers = open_run_trackers(cfg, out, pairing)  # --report-to (trainer/tracking.py)
     started = _connect_ray(cfg)
     sink = None
     try:
@@ -858,7 +866,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             ingest = DataConfig.default_ingest_options()
         ingest.preserve_order = True  # deterministic split: resume replays the data order
         queue = Queue(actor_options={"num_cpus": 0})
-        sink = _MetricsSink(queue, out / LOG_NAME, cfg.max_steps or total, cfg.progress)
+        sink = _MetricsSink(queue, out / LOG_NAME, cfg.max_steps or total, cfg.progress, trackers)
         loop_config = {
             "config": cfg.model_dump(),
             "meta": json.loads(shard_set.signature.model_dump_json()),
@@ -905,6 +913,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     finally:
         if sink is not None:
             sink.close()
+            trackers.close()  # the run failed: end the trackers' runs too
         if started:
             ray.shutdown()
 
@@ -941,5 +950,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
         jemalloc=jemalloc,
         startup_s=startup,
     )
+    summary.eval = finish_run(cfg, summary, trackers)  # --eval-shards, then close trackers
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
     return summary
