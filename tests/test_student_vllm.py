@@ -91,10 +91,8 @@ def test_student_generates_in_vllm_as_in_transformers(student_dir):
         llm.llm_engine.engine_core.shutdown()
         del llm
     for prompt, g, e in zip(PROMPTS, got, expected, strict=True):
-        # greedy = argmax at every step: the first tokens must agree exactly
-        n = min(len(e), NEW_TOKENS)
-        assert g[:4] == e[:4], (prompt, tokenizer.decode(g), tokenizer.decode(e))
-        assert g[:n] == e[:n] or sum(a == b for a, b in zip(g, e, strict=True)) >= n // 2, (prompt, g, e)
+        # greedy = argmax at every step, float32 on both sides: the same tokens
+        assert g == e, (prompt, tokenizer.decode(g), tokenizer.decode(e))
 
 
 def _free_port() -> int:
