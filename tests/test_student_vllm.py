@@ -50,9 +50,10 @@ def student_dir(teacher_dir, tmp_path_factory) -> Path:
 
 
 def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
     )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.timeout(600)
