@@ -1,6 +1,6 @@
 """Run every benchmark at its default size; save each JSON line under bench/results/.
 
-    .venv/bin/python bench/run_all.py [--only loss,storage,teacher,generate,train]
+    .venv/bin/python bench/run_all.py [--only storage,codec,loss,teacher,generate,train]
 
 Each benchmark prints its own table and ONE JSON line on stdout; this script stores that
 line as bench/results/<name>.json (with the machine it ran on) for the README's table.
@@ -10,31 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import machine  # noqa: E402  (bench/machine.py)
+
 BENCHES = {
     "storage": ["bench_storage.py"],
+    "codec": ["bench_codec.py"],
     "loss": ["bench_loss.py"],
     "teacher": ["bench_teacher.py"],
     "generate": ["bench_generate.py"],
     "train": ["bench_train.py", "--jemalloc-compare"],
 }
-
-
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "load_average_1m": os.getloadavg()[0],
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 def main() -> None:

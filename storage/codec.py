@@ -789,6 +789,17 @@ _CODECS: dict[str, TopKCodec] = {c.name: c for c in (QuantDeltaPlanes(32), RansQ
 DEFAULT_CODEC = "rans-q32-v1"
 
 
+def _register_module_codecs() -> None:
+    """Codecs that live in their own modules (they import this one, so register them last).
+    Their libraries are imported only when they encode or decode."""
+    from storage.codec_constriction import AnsQ32Constriction
+
+    _CODECS[AnsQ32Constriction.name] = AnsQ32Constriction()
+
+
+_register_module_codecs()
+
+
 def known_codecs() -> list[str]:
     return list(_CODECS)
 
