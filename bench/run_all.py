@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def main() -> None:
     for name in args.only.split(","):
         script, *extra = BENCHES[name]
         print(f"== {name}: {script} {' '.join(extra)}", flush=True)
+        load_before = os.getloadavg()[0]
         done = subprocess.run(
             [sys.executable, str(HERE / script), *extra], stdout=subprocess.PIPE, text=True
         )
@@ -47,6 +49,7 @@ def main() -> None:
             failed.append(name)
             continue
         record = {"bench": name, "machine": machine(), "result": json.loads(lines[-1])}
+        record["machine"]["load_average_1m_at_start"] = round(load_before, 2)
         (results / f"{name}.json").write_text(json.dumps(record, indent=1))
     if failed:
         sys.exit(f"error: benchmarks failed: {', '.join(failed)}")
