@@ -1,6 +1,6 @@
 """Run every benchmark at its default size; save each JSON line under bench/results/.
 
-    .venv/bin/python bench/run_all.py [--only loss,storage,teacher,generate,train]
+    .venv/bin/python bench/run_all.py [--only storage,codec,loss,teacher,generate,train]
 
 Each benchmark prints its own table and ONE JSON line on stdout; this script stores that
 line as bench/results/<name>.json (with the machine it ran on) for the README's table.
@@ -11,30 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import machine  # noqa: E402  (bench/machine.py)
+
 BENCHES = {
     "storage": ["bench_storage.py"],
+    "codec": ["bench_codec.py"],
     "loss": ["bench_loss.py"],
     "teacher": ["bench_teacher.py"],
     "generate": ["bench_generate.py"],
     "train": ["bench_train.py", "--jemalloc-compare"],
 }
-
-
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "load_average_1m": os.getloadavg()[0],
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 def main() -> None:
@@ -47,6 +39,7 @@ def main() -> None:
     for name in args.only.split(","):
         script, *extra = BENCHES[name]
         print(f"== {name}: {script} {' '.join(extra)}", flush=True)
+        load_before = os.getloadavg()[0]
         done = subprocess.run(
             [sys.executable, str(HERE / script), *extra], stdout=subprocess.PIPE, text=True
         )
@@ -56,6 +49,7 @@ def main() -> None:
             failed.append(name)
             continue
         record = {"bench": name, "machine": machine(), "result": json.loads(lines[-1])}
+        record["machine"]["load_average_1m_at_start"] = round(load_before, 2)
         (results / f"{name}.json").write_text(json.dumps(record, indent=1))
     if failed:
         sys.exit(f"error: benchmarks failed: {', '.join(failed)}")

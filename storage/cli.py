@@ -63,5 +63,32 @@ def verify(
     print(f"ok: {report.shards} shards, {report.rows} rows, {report.positions} positions verified")
 
 
+@app.command()
+def export(
+    path: str = typer.Argument(..., help="Shard set directory or URI."),
+    out: str = typer.Argument(..., help="Output folder."),
+    to: str = typer.Option(
+        ..., "--to", help="Format: hf-dataset (axolotl's KD columns, datasets.load_from_disk)."
+    ),
+    temperature: float = typer.Option(
+        None, "--temperature", help="Re-temper the top-k to this T (default: the set's)."
+    ),
+    max_rows: int = typer.Option(None, "--max-rows", min=1, help="Export only the first N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+) -> None:
+    """Write the set for other tools (see storage/export.py for what is kept and lost)."""
+    from todi.storage.export import export_shards
+
+    with user_errors(FileNotFoundError, OSError):  # + every TodiError (shards, export)
+        info = export_shards(
+            path, to, out, temperature=temperature, max_rows=max_rows, overwrite=overwrite
+        )
+    print(
+        f"exported {info['rows']} rows, {info['positions']} positions (k = {info['top_k']}, "
+        f"T = {info['temperature']:g}) to {out}; top-k renormalized: mean dropped tail mass "
+        f"{info['dropped_tail_mass_mean']:.4f}"
+    )
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="shards")

@@ -234,3 +234,51 @@ def test_frequency_normalization(rows) -> None:
     freqs = rans.normalize_counts(counts)
     assert (freqs.sum(axis=1) == rans.M).all()
     assert ((freqs > 0) | (counts == 0) | (counts.sum(axis=1, keepdims=True) == 0)).all()
+
+
+# ---------------------------------------------------------------------------- ans-q32-c1
+# The same values as rans-q32-v1, coded by the constriction library (bench/bench_codec.py).
+
+
+@SETTINGS
+@given(data=blocks("ans-q32-c1"))
+def test_constriction_round_trip_property(data) -> None:
+    vocab, k, ids, lps, block = data
+    _check("ans-q32-c1", ids, lps, *_round_trip("ans-q32-c1", vocab, k, ids, lps, block))
+    # the same quantized values as rans-q32-v1, so a set can be re-coded either way
+    other, _ = _round_trip("rans-q32-v1", vocab, k, ids, lps, block)
+    mine = _round_trip("ans-q32-c1", vocab, k, ids, lps, block)
+    for a, b in zip(mine[0] + mine[1], other[0] + other[1], strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "count", "raw-length", "table"])
+def test_constriction_damaged_blocks_are_refused(damage: str) -> None:
+    from todi.storage.codec_constriction import AnsQ32Constriction
+
+    rng = np.random.default_rng(2)
+    n_rows, positions, k, vocab = 3, 70, 16, 3000
+    ids = [np.stack([rng.permutation(vocab)[:k] for _ in range(positions)]).astype(np.int32)]
+    lps = [-np.sort(rng.exponential(1.0, (positions, k)), axis=1).astype(np.float32)]
+    block = RowBlock(
+        [f"r{i}" for i in range(n_rows)],
+        [rng.integers(0, vocab, positions + 1).astype(np.int32)] * n_rows,
+        np.zeros(n_rows, np.int64),
+        np.full(n_rows, positions, np.int64),
+    )
+    codec = AnsQ32Constriction()
+    cols = codec.encode_rows(ids * n_rows, lps * n_rows, block, vocab_size=vocab, top_k=k)
+    code = [bytearray(b) for b in cols["topk_code"].to_pylist()]
+    table = cols["topk_table"].to_pylist()
+    if damage == "truncate":
+        code[1] = code[1][: len(code[1]) // 2]
+    elif damage == "count":
+        code[1][0] ^= 0x40
+    elif damage == "raw-length":
+        code[1] += b"\0"
+    else:
+        table = [b"\1\2\3" + t[3:] for t in table]
+    damaged = {"topk_code": pa.array([bytes(b) for b in code]), "topk_table": pa.array(table)}
+    with pytest.raises(CodecError) as err:
+        AnsQ32Constriction().decode_rows(damaged, block, vocab_size=vocab, top_k=k)
+    assert err.value.row == (0 if damage == "table" else 1)

@@ -352,7 +352,10 @@ def test_dummy_batch_is_a_zero_gradient_pass(tiny_student):
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, train_shards, tiny_student, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    summary = train(_config(train_shards, tiny_student, out))
+    # Trackers and the final evaluation ride along: they do not change the trajectory.
+    cfg = _config(train_shards, tiny_student, out, report_to="all")
+    cfg = cfg.model_copy(update={"eval_shards": str(train_shards), "eval_max_samples": 8})
+    summary = train(cfg)
     return out, summary
 
 
@@ -380,6 +383,36 @@ def test_two_worker_run_learns_and_exports(reference_run):
     ids = tok("Question: What is 2 plus 3?\nAnswer:", return_tensors="pt")["input_ids"]
     gen = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 4
+
+
+def test_reference_run_reports_rank0_steps_config_and_eval_to_trackers(reference_run):
+    from tests.test_tracking import mlflow_run, tensorboard_scalars, wandb_history
+
+    out, summary = reference_run
+    records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    evaluation = json.loads((out / "eval.json").read_text())["metrics"]
+    assert summary.eval == evaluation and evaluation["samples"] == 8
+    assert json.loads((out / "summary.json").read_text())["eval"]["todi"] == evaluation["todi"]
+
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == steps  # one value per step: rank 0 only
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in records])
+    assert scalars["eval/todi"] == [(6, pytest.approx(evaluation["todi"]))]
+
+    client, run = mlflow_run(out / "mlruns")
+    history = client.get_metric_history(run.info.run_id, "train/divergence")
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["divergence"]) for r in records]
+    assert run.data.params["loss"] == "todi" and run.data.params["workers"] == "2"
+    assert run.data.params["shard_temperature"] == str(summary.temperature)
+    assert run.data.metrics["eval/top1_agreement"] == evaluation["top1_agreement"]
+    assert run.data.metrics["summary/steps"] == 6
+
+    rows, config, wb_summary = wandb_history(out)
+    assert [r["_step"] for r in rows if "train/loss" in r] == steps
+    assert config["batch_size"] == 4
+    assert json.loads(config["report_to"]) == ["tensorboard", "mlflow", "wandb"]
+    assert wb_summary["eval/ce"] == pytest.approx(evaluation["ce"])
 
 
 @pytest.mark.timeout(600)

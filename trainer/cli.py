@@ -84,6 +84,18 @@ def train_command(
     online_quantize: bool = typer.Option(
         None, "--online-quantize", help="Round online targets through the shard codec."
     ),
+    report_to: str = typer.Option(
+        None,
+        "--report-to",
+        help="Experiment trackers, comma-separated: tensorboard,mlflow,wandb | all | none "
+        "[none]. Offline, under --out.",
+    ),
+    eval_shards: str = typer.Option(
+        None, "--eval-shards", help="Held-out shard set: evaluate the exported model at the end."
+    ),
+    eval_max_samples: int = typer.Option(
+        None, "--eval-max-samples", help="Evaluate only the first N held-out samples."
+    ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar [on]."),
 ) -> None:
     """Train a student on a shard set with Ray Train (DDP), ToDi or another divergence."""

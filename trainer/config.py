@@ -97,7 +97,24 @@ class TrainConfig(BaseModel):
         False, description="pass online targets through the shard codec (bit-equal to shards)"
     )
 
+    # -- trackers and the final evaluation (trainer/tracking.py) ---------------------------
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers: tensorboard, mlflow, wandb (all | none); offline",
+    )
+    eval_shards: str | None = Field(
+        None, description="held-out shard set: evaluate the exported model on it at the end"
+    )
+    eval_max_samples: int | None = Field(None, ge=1, description="evaluate only the first N")
+
     progress: bool = True
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v: Any) -> list[str]:
+        from todi.trainer.tracking import parse_report_to
+
+        return parse_report_to(v)
 
     @field_validator("loss")
     @classmethod

@@ -78,6 +78,7 @@ from todi.trainer.student import (
     parse_student_spec,
     save_student,
 )
+from todi.trainer.tracking import finish_run, open_run_trackers
 
 RUN_NAME = "train"
 STATE_FILE = "trainer_state.pt"
@@ -685,6 +686,7 @@ class TrainSummary:
     vocab_limit: int
     jemalloc: str | None
     startup_s: float | None  # fit() until the first step began (cluster, workers, model)
+    eval: dict[str, Any] | None = None  # --eval-shards: the exported model's held-out metrics
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -696,8 +698,11 @@ class _MetricsSink:
     A restart or resume replays steps after its checkpoint: a record whose step is not past
     the last one truncates the log back to before it, so every step appears once."""
 
-    def __init__(self, queue, log_path: Path, total: int | None, progress: bool) -> None:
+    def __init__(
+        self, queue, log_path: Path, total: int | None, progress: bool, trackers=None
+    ) -> None:
         self.queue = queue
+        self.trackers = trackers  # trainer.tracking.Trackers: --report-to
         self.log_path = log_path
         self.records: list[dict] = []
         if log_path.is_file():
@@ -739,6 +744,8 @@ class _MetricsSink:
         self.records.append(record)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            self.trackers.log_step(record)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(
@@ -934,7 +941,8 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
         "queue": None,  # set by _fit, once Ray runs
         "teacher_engine": teacher_engine,
     }
-    fit = _fit(cfg, shard_set, loop_config, out, total)
+    trackers = open_run_trackers(cfg, out, pairing)  # --report-to (trainer/tracking.py)
+    fit = _fit(cfg, shard_set, loop_config, out, total, trackers)
     model_dir = _export_model(fit.result, out)
 
     plot = None
@@ -961,6 +969,7 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
         jemalloc=fit.jemalloc,
         startup_s=fit.startup_s,
     )
+    summary.eval = finish_run(cfg, summary, trackers)  # --eval-shards, then close trackers
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
     return summary
 
@@ -1034,10 +1043,10 @@ class _FitResult:
 
 
 def _fit(
-    cfg: TrainConfig, shard_set, loop_config: dict[str, Any], out: Path, total: int
+    cfg: TrainConfig, shard_set, loop_config: dict[str, Any], out: Path, total: int, trackers
 ) -> _FitResult:
-    """Start or join Ray, run the TorchTrainer to the end, drain the metrics; Ray is shut
-    down again if this call started it."""
+    """Start or join Ray, run the TorchTrainer to the end, drain the metrics (into the log
+    and `trackers`); Ray is shut down again if this call started it."""
     import ray
     from ray.util.queue import Queue
 
@@ -1054,7 +1063,7 @@ def _fit(
 
         dataset = build_dataset(shard_set, seed=cfg.seed)
         queue = Queue(actor_options={"num_cpus": 0})
-        sink = _MetricsSink(queue, out / LOG_NAME, cfg.max_steps or total, cfg.progress)
+        sink = _MetricsSink(queue, out / LOG_NAME, cfg.max_steps or total, cfg.progress, trackers)
         trainer = _trainer(cfg, {**loop_config, "queue": queue}, dataset, out, env, use_gpu=use_gpu)
         t_fit = time.perf_counter()
         try:
@@ -1073,6 +1082,7 @@ def _fit(
     finally:
         if sink is not None:
             sink.close()
+            trackers.close()  # the run failed: end the trackers' runs too
         if started:
             ray.shutdown()
     return _FitResult(result, records, startup, jemalloc)
