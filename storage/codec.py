@@ -348,38 +348,48 @@ class ShardTable:
         return cls(vocab_size, top_k, classes, dummy)
 
     def to_bytes(self) -> bytes:
-        sizes = np.array([len(c) for c in self.classes], dtype="<u4")
-        deltas = np.concatenate([np.diff(c, prepend=0) for c in self.classes] or [[]])
-        head = struct.pack(
-            "<4sIIIII", _TABLE_MAGIC, self.vocab_size, self.top_k, len(sizes),
-            len(deltas), self.tables.num_ctx,
-        )  # fmt: skip
-        body = (
-            sizes.tobytes()
-            + _planes(deltas.astype(np.int64), 4)
-            + self.tables.freqs.astype("<u2").tobytes()
-        )
-        raw = head + body
-        return struct.pack("<I", len(raw)) + _ZSTD.compress(raw).to_pybytes()
+        return pack_table(_TABLE_MAGIC, self.vocab_size, self.top_k, self.classes,
+                          self.tables.freqs)  # fmt: skip
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> ShardTable:
-        (n_raw,) = struct.unpack_from("<I", blob)
-        raw = _ZSTD.decompress(blob[4:], decompressed_size=n_raw).to_pybytes()
-        magic, vocab, k, n_cls, n_ids, n_ctx = struct.unpack_from("<4sIIIII", raw)
-        if magic != _TABLE_MAGIC:
-            raise ValueError(f"bad table magic {magic!r}")
-        off = struct.calcsize("<4sIIIII")
-        sizes = np.frombuffer(raw, "<u4", n_cls, off).astype(np.int64)
-        off += 4 * n_cls
-        deltas = _unplanes(raw[off : off + 4 * n_ids], n_ids, 4)
-        off += 4 * n_ids
-        freqs = np.frombuffer(raw, "<u2", n_ctx * ALPHABET, off).reshape(n_ctx, ALPHABET)
-        if off + freqs.nbytes != len(raw):
-            raise ValueError("table has trailing bytes")
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        classes = [np.cumsum(deltas[bounds[i] : bounds[i + 1]]) for i in range(n_cls)]
-        return cls(vocab, k, classes, freqs.astype(np.int64))
+        return cls(*unpack_table(blob, _TABLE_MAGIC))
+
+
+def pack_table(
+    magic: bytes, vocab_size: int, top_k: int, classes: list[np.ndarray], freqs: np.ndarray
+) -> bytes:
+    """A shard's coding table as bytes: the id classes (sorted ids, delta-coded in byte
+    planes) and the [contexts, ALPHABET] frequencies, zstd-compressed behind their length.
+    Shared by the codecs that code with per-shard frequency tables."""
+    sizes = np.array([len(c) for c in classes], dtype="<u4")
+    deltas = np.concatenate([np.diff(c, prepend=0) for c in classes] or [[]])
+    head = struct.pack(
+        "<4sIIIII", magic, vocab_size, top_k, len(sizes), len(deltas), freqs.shape[0]
+    )
+    raw = head + sizes.tobytes() + _planes(deltas.astype(np.int64), 4)
+    raw += freqs.astype("<u2").tobytes()
+    return struct.pack("<I", len(raw)) + _ZSTD.compress(raw).to_pybytes()
+
+
+def unpack_table(blob: bytes, magic: bytes) -> tuple[int, int, list[np.ndarray], np.ndarray]:
+    """(vocab_size, top_k, id classes, [contexts, ALPHABET] int64 frequencies) of `pack_table`."""
+    (n_raw,) = struct.unpack_from("<I", blob)
+    raw = _ZSTD.decompress(blob[4:], decompressed_size=n_raw).to_pybytes()
+    found, vocab, k, n_cls, n_ids, n_ctx = struct.unpack_from("<4sIIIII", raw)
+    if found != magic:
+        raise ValueError(f"bad table magic {found!r}")
+    off = struct.calcsize("<4sIIIII")
+    sizes = np.frombuffer(raw, "<u4", n_cls, off).astype(np.int64)
+    off += 4 * n_cls
+    deltas = _unplanes(raw[off : off + 4 * n_ids], n_ids, 4)
+    off += 4 * n_ids
+    freqs = np.frombuffer(raw, "<u2", n_ctx * ALPHABET, off).reshape(n_ctx, ALPHABET)
+    if off + freqs.nbytes != len(raw):
+        raise ValueError("table has trailing bytes")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    classes = [np.cumsum(deltas[bounds[i] : bounds[i + 1]]) for i in range(n_cls)]
+    return vocab, k, classes, freqs.astype(np.int64)
 
 
 @dataclass

@@ -32,7 +32,6 @@ import numpy as np
 import pyarrow as pa
 
 from todi.storage.codec import (
-    _ZSTD,
     ALPHABET,
     LOGPROB_FLOOR,
     SYMBOL_BITS,
@@ -40,14 +39,14 @@ from todi.storage.codec import (
     RansQ32,
     RowBlock,
     TopKCodec,
-    _planes,
     _quantize,
     _rank_groups,
     _rank_order,
     _table_groups,
-    _unplanes,
     from_symbols,
+    pack_table,
     to_symbols,
+    unpack_table,
 )
 from todi.storage.rans import pack_bits, unpack_bits
 
@@ -129,35 +128,11 @@ class AnsTable:
         return [seen[cls_of == c] for c in np.unique(cls_of)[::-1]]
 
     def to_bytes(self) -> bytes:
-        sizes = np.array([len(c) for c in self.classes], dtype="<u4")
-        deltas = np.concatenate([np.diff(c, prepend=0) for c in self.classes] or [[]])
-        head = struct.pack(
-            "<4sIIIII", _MAGIC, self.vocab_size, self.top_k, len(sizes), len(deltas),
-            self.num_contexts,
-        )  # fmt: skip
-        body = sizes.tobytes() + _planes(deltas.astype(np.int64), 4)
-        body += self.freqs.astype("<u2").tobytes()
-        raw = head + body
-        return struct.pack("<I", len(raw)) + _ZSTD.compress(raw).to_pybytes()
+        return pack_table(_MAGIC, self.vocab_size, self.top_k, self.classes, self.freqs)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> AnsTable:
-        (n_raw,) = struct.unpack_from("<I", blob)
-        raw = _ZSTD.decompress(blob[4:], decompressed_size=n_raw).to_pybytes()
-        magic, vocab, k, n_cls, n_ids, n_ctx = struct.unpack_from("<4sIIIII", raw)
-        if magic != _MAGIC:
-            raise ValueError(f"bad table magic {magic!r}")
-        off = struct.calcsize("<4sIIIII")
-        sizes = np.frombuffer(raw, "<u4", n_cls, off).astype(np.int64)
-        off += 4 * n_cls
-        deltas = _unplanes(raw[off : off + 4 * n_ids], n_ids, 4)
-        off += 4 * n_ids
-        freqs = np.frombuffer(raw, "<u2", n_ctx * ALPHABET, off).reshape(n_ctx, ALPHABET)
-        if off + freqs.nbytes != len(raw):
-            raise ValueError("table has trailing bytes")
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        classes = [np.cumsum(deltas[bounds[i] : bounds[i + 1]]) for i in range(n_cls)]
-        return cls(vocab, k, classes, freqs.astype(np.int64))
+        return cls(*unpack_table(blob, _MAGIC))
 
 
 def _id_context(table: AnsTable, q: np.ndarray) -> np.ndarray:
