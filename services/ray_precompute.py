@@ -248,7 +248,9 @@ def run_ray_precompute(
     model = str(model)
     options = dict(backend_options or {})
     if not ray.is_initialized():
-        ray.init()
+        from todi.common.raycluster import join_cluster
+
+        join_cluster()  # RAY_ADDRESS, or a local cluster
     if _through_ray_client():
         return _run_on_cluster(
             {

@@ -795,7 +795,9 @@ def _connect_ray(cfg: TrainConfig) -> bool:
     if ray.is_initialized():
         return False
     if cfg.ray_address:
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+        from todi.common.raycluster import join_cluster
+
+        join_cluster(cfg.ray_address, log_to_driver=False)
         return True
     needed = math.ceil(cfg.workers * cfg.cpus_per_worker) + 1  # + 1: Ray Data, controller
     ray.init(
