@@ -17,11 +17,12 @@ case "${1:-}" in
             echo running
             exit 0
         fi
-        [ -x /usr/bin/dockerd ] || { echo "error: dockerd is not installed (bash .ci/install-deploy-tools.sh)" >&2; exit 1; }
+        DOCKERD="$(PATH="$PATH:/usr/sbin:/sbin" command -v dockerd || true)"
+        [ -n "$DOCKERD" ] || { echo "error: dockerd is not installed (bash .ci/install-deploy-tools.sh)" >&2; exit 1; }
         [ "$(id -u)" -eq 0 ] || { echo "error: starting dockerd needs root" >&2; exit 1; }
         # A stale PID file or socket from an engine that died would block a new one.
         rm -f /var/run/docker.pid
-        nohup /usr/bin/dockerd --iptables=false --ip6tables=false --ip-forward=false \
+        nohup "$DOCKERD" --iptables=false --ip6tables=false --ip-forward=false \
             --ip-masq=false --bridge=none --storage-driver=overlay2 \
             --exec-opt native.cgroupdriver=cgroupfs > "$LOG" 2>&1 &
         echo $! > "$PIDFILE"

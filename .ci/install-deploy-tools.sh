@@ -27,9 +27,9 @@ as_root() {
 
 # --- docker.io, docker-compose, debootstrap (Debian) ----------------------------------------
 missing=()
-[ -x /usr/bin/dockerd ] || missing+=(docker.io)
+PATH="$PATH:/usr/sbin:/sbin" command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
-command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+PATH="$PATH:/usr/sbin:/sbin" command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "docker.io, docker-compose $(docker-compose version --short 2>/dev/null), debootstrap: present"
 else
