@@ -128,7 +128,22 @@ class StudentObjective(nn.Module):
         # With the objective's kd_weight known, chunked_head_loss makes the head gradients
         # chunk by chunk during forward (one head matmul less than recomputing in backward).
         self.kd_weight = kd_weight
-        body_and_head(model)  # fail early on a model without a linear head
+        _, weight, _ = body_and_head(model)  # fail early on a model without a linear head
+        # The padding rows of a padded head are outside the softmax, so they get no gradient;
+        # AdamW's decoupled weight decay would still shrink them every step. Their values are
+        # kept here and put back after each step (`restore_padding_rows`): exported unchanged.
+        self._padding_rows = (
+            weight.detach()[vocab_limit:].clone()
+            if vocab_limit is not None and vocab_limit < weight.shape[0]
+            else None
+        )
+
+    @torch.no_grad()
+    def restore_padding_rows(self) -> None:
+        """Undo what the optimizer did to the head's padding rows (weight decay)."""
+        if self._padding_rows is not None:
+            _, weight, _ = body_and_head(self.model)
+            weight[self.vocab_limit :].copy_(self._padding_rows)
 
     def forward(
         self,
@@ -272,6 +287,9 @@ def train_step(
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     lr = float(scheduler.get_last_lr()[0])
     optimizer.step()
+    inner = objective.module if ddp else objective
+    if isinstance(inner, StudentObjective):
+        inner.restore_padding_rows()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(ce_total, div_total, local, real, padded, grad_norm, lr)
