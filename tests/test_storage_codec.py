@@ -177,21 +177,27 @@ def _encoded(n_rows=3, positions=70, k=16, vocab=3000):
 def test_damaged_blocks_are_refused(jit: bool, damage: str) -> None:
     codec, cols, block = _encoded()
     codec.jit = jit
+    flips = {"state": (3, 0x40), "word": (40, 0x01)}
+    _assert_damage_refused(codec, cols, block, damage, flips, vocab_size=3000, top_k=16)
+
+
+def _assert_damage_refused(codec, cols, block, damage: str, flips, **shape) -> None:
+    """Damage the second row's code (truncate, flip a byte of `flips[damage]`, append a byte)
+    or every row's table: decoding must raise a CodecError naming the first bad row."""
     code = [bytearray(b) for b in cols["topk_code"].to_pylist()]
     table = cols["topk_table"].to_pylist()
     if damage == "truncate":
         code[1] = code[1][: len(code[1]) // 2]
-    elif damage == "state":
-        code[1][3] ^= 0x40
-    elif damage == "word":
-        code[1][40] ^= 0x01
+    elif damage in flips:
+        at, bit = flips[damage]
+        code[1][at] ^= bit
     elif damage == "raw-length":
         code[1] += b"\0"
     else:
         table = [b"\1\2\3" + t[3:] for t in table]
     damaged = {"topk_code": pa.array([bytes(b) for b in code]), "topk_table": pa.array(table)}
     with pytest.raises(CodecError) as err:
-        codec.decode_rows(damaged, block, vocab_size=3000, top_k=16)
+        codec.decode_rows(damaged, block, **shape)
     assert err.value.row == (0 if damage == "table" else 1)
 
 
@@ -268,17 +274,6 @@ def test_constriction_damaged_blocks_are_refused(damage: str) -> None:
     )
     codec = AnsQ32Constriction()
     cols = codec.encode_rows(ids * n_rows, lps * n_rows, block, vocab_size=vocab, top_k=k)
-    code = [bytearray(b) for b in cols["topk_code"].to_pylist()]
-    table = cols["topk_table"].to_pylist()
-    if damage == "truncate":
-        code[1] = code[1][: len(code[1]) // 2]
-    elif damage == "count":
-        code[1][0] ^= 0x40
-    elif damage == "raw-length":
-        code[1] += b"\0"
-    else:
-        table = [b"\1\2\3" + t[3:] for t in table]
-    damaged = {"topk_code": pa.array([bytes(b) for b in code]), "topk_table": pa.array(table)}
-    with pytest.raises(CodecError) as err:
-        AnsQ32Constriction().decode_rows(damaged, block, vocab_size=vocab, top_k=k)
-    assert err.value.row == (0 if damage == "table" else 1)
+    _assert_damage_refused(
+        AnsQ32Constriction(), cols, block, damage, {"count": (0, 0x40)}, vocab_size=vocab, top_k=k
+    )
