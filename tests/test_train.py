@@ -9,6 +9,8 @@ is restarted from its last checkpoint by Ray Train, must end with the same param
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 from pathlib import Path
 
@@ -442,3 +444,25 @@ def test_resume_and_killed_worker_match_uninterrupted(
     ref = [json.loads(x) for x in (reference_run[0] / "train_log.jsonl").read_text().splitlines()]
     for key in ("loss", "ce", "divergence", "grad_norm"):
         assert [r[key] for r in log] == [r[key] for r in ref[: len(log)]], key
+
+
+def test_worker_killed_at_a_random_step_ends_like_the_reference(
+    reference_run, train_shards, tiny_student, tmp_path, monkeypatch
+):
+    """SIGKILL worker 1 after a step drawn at random (1-5 of 6; the draw is in every message):
+    Ray Train restarts the group from the last checkpoint (every 3 steps), or from the start
+    before the first one, and the run ends with the reference run's parameters and curve.
+    TODI_TEST_KILL_STEP=N replays a draw."""
+    step = int(os.environ.get("TODI_TEST_KILL_STEP") or random.Random().randint(1, 5))
+    where = f"worker 1 killed after step {step}"
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"kill:{step}:1:{marker}")
+    out = tmp_path / "run"
+    summary = train(_config(train_shards, tiny_student, out))
+    assert marker.is_file(), f"{where}: the worker was not killed"
+    assert summary.steps == 6 and not summary.stopped_early, where
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (reference_run[0] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6], where
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref], where
+    _assert_same_params(out / "model", reference_run[0] / "model")
