@@ -356,6 +356,16 @@ class ShardTable:
         return cls(*unpack_table(blob, _TABLE_MAGIC))
 
 
+def code_blocks(columns) -> pa.Array:
+    """The `topk_code` column as one array, refusing a null block (row-level codecs)."""
+    code = columns["topk_code"]
+    if isinstance(code, pa.ChunkedArray):
+        code = code.combine_chunks()
+    if code.null_count:
+        raise CodecError("null top-k block", int(np.flatnonzero(code.is_null())[0]))
+    return code
+
+
 def pack_table(
     magic: bytes, vocab_size: int, top_k: int, classes: list[np.ndarray], freqs: np.ndarray
 ) -> bytes:
@@ -636,11 +646,7 @@ class RansQ32(TopKCodec):
         n_rows = len(block.positions)
         ids_out: list = [None] * n_rows
         lps_out: list = [None] * n_rows
-        code = columns["topk_code"]
-        if isinstance(code, pa.ChunkedArray):
-            code = code.combine_chunks()
-        if code.null_count:
-            raise CodecError("null top-k block", int(np.flatnonzero(code.is_null())[0]))
+        code = code_blocks(columns)
         for blob, rows in _table_groups(columns["topk_table"]):
             try:
                 table = self.table(blob)

@@ -43,6 +43,7 @@ from todi.storage.codec import (
     _rank_groups,
     _rank_order,
     _table_groups,
+    code_blocks,
     from_symbols,
     pack_table,
     to_symbols,
@@ -238,11 +239,7 @@ class AnsQ32Constriction(TopKCodec):
         n_rows = len(block.positions)
         ids_out: list = [None] * n_rows
         lps_out: list = [None] * n_rows
-        code = columns["topk_code"]
-        if isinstance(code, pa.ChunkedArray):
-            code = code.combine_chunks()
-        if code.null_count:
-            raise CodecError("null top-k block", int(np.flatnonzero(code.is_null())[0]))
+        code = code_blocks(columns)
         for blob, rows in _table_groups(columns["topk_table"]):
             try:
                 table = self.table(blob)
