@@ -23,8 +23,10 @@ from todi.storage import (
 )
 from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 from todi.trainer.eval_cli import register
+from todi.trainer.divergences import dense_divergence
 from todi.trainer.evaluate import (
     EvalError,
+    FullVocabTeacher,
     encode_prompt,
     evaluate_batches,
     evaluate_shards,
@@ -186,6 +188,39 @@ def test_means_are_over_tokens_not_batches(student, student_metrics, data):
     assert part["tokens"] == sum(s.num_positions for s in data["samples"][:2])
 
 
+def test_full_vocab_metrics_against_the_teacher_run_here(teacher, student, data):
+    """`reference=FullVocabTeacher(teacher)`: FKL/RKL over the whole vocabulary at T = 1,
+    checked against the models' own [T, V] logits and `dense_divergence` position by
+    position; the teacher against itself is 0 with full agreement; the cache reuses batches."""
+    t_model, tok = teacher
+    s_model, _ = student
+    ref = FullVocabTeacher(t_model, cache=True)
+    got = evaluate_shards(s_model, data["heldout"], tokenizer=tok, reference=ref, batch_size=2)
+    fkl = rkl = agree = n = 0.0
+    with torch.inference_mode():
+        for sample in data["samples"]:
+            ids = torch.from_numpy(sample.input_ids.astype(np.int64))[None]
+            pos = slice(first_position(sample.prompt_len), len(sample.input_ids) - 1)
+            zt = t_model(input_ids=ids).logits[0, pos].float()
+            zs = s_model(input_ids=ids).logits[0, pos].float()
+            fkl += float(dense_divergence("fkl", zs, zt).sum())
+            rkl += float(dense_divergence("rkl", zs, zt).sum())
+            agree += int((zs.argmax(-1) == zt.argmax(-1)).sum())
+            n += zs.shape[0]
+    assert got["tokens"] == n
+    assert got["full_fkl"] == pytest.approx(fkl / n, rel=1e-4)
+    assert got["full_rkl"] == pytest.approx(rkl / n, rel=1e-4)
+    assert got["full_top1_agreement"] == pytest.approx(agree / n)
+    assert got["full_fkl"] > 0.5 and got["full_rkl"] > 0.5
+    cached = len(ref._cache)
+    again = evaluate_shards(s_model, data["heldout"], tokenizer=tok, reference=ref, batch_size=2)
+    assert len(ref._cache) == cached and again["full_fkl"] == got["full_fkl"]
+    itself = evaluate_shards(t_model, data["heldout"], tokenizer=tok, reference=ref, batch_size=2)
+    assert itself["full_fkl"] < 1e-5 and itself["full_rkl"] < 1e-5
+    assert itself["full_top1_agreement"] == 1.0
+    assert "full_fkl" not in evaluate_shards(s_model, data["heldout"], max_samples=1)
+
+
 def test_rouge_l_of_the_teacher_is_reproducible(teacher, data):
     model, tok = teacher
     rows = read_reference_rows(data["prompts"])
@@ -223,9 +258,11 @@ def test_cli_writes_json_and_table(teacher_dir, data, student_metrics, teacher_m
     args += ["--teacher", str(teacher_dir), "--out", str(out), "--no-progress"]
     args += ["--generate", "--prompts", str(data["prompts"]), "--seeds", "3,4"]
     args += ["--max-new-tokens", "4", "--max-prompts", "1"]
+    args += ["--full-vocab-teacher", str(teacher_dir)]
     result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output
     assert "top-1 agreement" in result.stdout and "ROUGE-L" in result.stdout
+    assert "full-vocab FKL" in result.stdout
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"student", "teacher"}
     assert report["metrics"] == report["models"]["student"]["shards"]
@@ -235,6 +272,7 @@ def test_cli_writes_json_and_table(teacher_dir, data, student_metrics, teacher_m
         got = report["models"][name]["shards"]
         for key in ("fkl", "todi", "ce", "top1_agreement", "tokens"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (name, key)
+        assert (got["full_fkl"] < 1e-5) == (name == "teacher"), (name, got["full_fkl"])
         gen = report["models"][name]["generation"]
         assert gen["seeds"] == [3, 4] and gen["prompts"] == 1 and set(gen["per_seed"]) == {"3", "4"}
 

@@ -454,3 +454,32 @@ def test_property_finite_on_extreme_and_masked_logits(pair, kind, beta, temperat
     (g,) = torch.autograd.grad(sparse.sum(), z)
     assert torch.isfinite(sparse).all() and torch.isfinite(g).all()
     assert (sparse >= -1e-3).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_renormalized_topk_is_the_divergence_over_the_k_ids_only(kind, temperature):
+    """tail=False (the ablation `--topk-target renormalized`): both sides renormalized over the
+    teacher's k ids, written out by hand here; chunked == reference in value and gradient."""
+    student, teacher = _random_pair(9, 23, seed=3, scale=2.0)
+    lp, ids = torch.log_softmax(teacher / temperature, -1).topk(6, dim=-1)
+    z1 = student.clone().requires_grad_(True)
+    z2 = student.clone().requires_grad_(True)
+    ours = sparse_divergence(kind, z1, ids, lp, temperature=temperature, chunk_size=4, tail=False)
+    ref = reference_sparse_divergence(kind, z2, ids, lp, temperature=temperature, tail=False)
+    by_hand = outcome_divergence(
+        kind,
+        torch.log_softmax(lp, -1),
+        torch.log_softmax((student / temperature).gather(1, ids), -1),
+    )
+    torch.testing.assert_close(ours, by_hand, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref, by_hand, rtol=1e-10, atol=1e-12)
+    with_tail = sparse_divergence(kind, student, ids, lp, temperature=temperature)
+    assert not torch.allclose(with_tail, ours)  # the tail bucket changes the value
+    weights = torch.rand(9, dtype=F64)
+    (g1,) = torch.autograd.grad((ours * weights).sum(), z1)
+    (g2,) = torch.autograd.grad((ref * weights).sum(), z2)
+    torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10)
+    # Renormalized over the ids, the student's logits outside them get no gradient at all.
+    outside = torch.ones_like(g1, dtype=torch.bool).scatter_(1, ids, False)
+    assert g1[outside].abs().max() < 1e-15

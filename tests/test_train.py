@@ -327,6 +327,57 @@ def test_offline_loss_equals_online_loss(train_shards, hf_teacher, tiny_student)
         teacher.close()
 
 
+def test_online_full_vocab_is_the_dense_loss(train_shards, teacher_dir, tiny_student):
+    """`online_full_vocab`: the live teacher's whole distribution (k = V, no tail) through the
+    same objective gives the dense divergence of the two models' own logits at T;
+    `tail=False` (`--topk-target renormalized`) gives the divergence over the k ids only."""
+    from todi.services.backends import create_backend
+    from todi.trainer.chunked import reference_head_loss
+    from todi.trainer.divergences import dense_divergence
+    from todi.trainer.online import OnlineTeacher
+    from todi.trainer.student import body_and_head, build_student
+    from todi.trainer.train import StudentObjective, batch_sums
+
+    source = open_shard_set(train_shards)
+    meta = source.signature.model_copy(update={"temperature": 2.0})
+    batch = collate([s for _, s in zip(range(3), iter(source), strict=False)], pad_id=2)
+    model, _ = build_student(tiny_student)
+    engine = create_backend("hf", teacher_dir, max_top_k=meta.vocab_size)
+    try:
+        full = OnlineTeacher(engine, meta, full_vocab=True).fill(batch)
+        teacher_logits = engine.model(input_ids=batch.input_ids).logits.float()
+    finally:
+        engine.close()
+    assert full.topk_ids.shape[-1] == meta.vocab_size
+    objective = StudentObjective(model, kind="todi", beta=1.0, temperature=2.0, chunk_size=64)
+    with torch.no_grad():
+        _, div = batch_sums(objective, full)
+        mask = batch.labels != -100
+        student_logits = model(input_ids=batch.input_ids).logits.float()
+        dense = dense_divergence(
+            "todi", student_logits[mask], teacher_logits[mask], temperature=2.0
+        ).sum()
+    assert float(div) == pytest.approx(float(dense), rel=1e-4)
+
+    renorm = StudentObjective(
+        model, kind="todi", beta=1.0, temperature=1.0, chunk_size=64, tail=False
+    )
+    with torch.no_grad():
+        _, div = batch_sums(renorm, batch)
+        hidden = body_and_head(model)[0](input_ids=batch.input_ids).last_hidden_state[mask]
+        want = reference_head_loss(
+            hidden,
+            model.lm_head.weight,
+            None,
+            batch.labels[mask],
+            batch.topk_ids[mask],
+            batch.topk_logprobs[mask],
+            temperature=1.0,
+            tail=False,
+        )
+    assert float(div) == pytest.approx(float(want.div_sum), rel=1e-5)
+
+
 def test_dummy_batch_is_a_zero_gradient_pass(tiny_student):
     """A worker whose data ran out joins the step's synchronized backward with a dummy batch:
     its loss and every gradient must be exactly zero."""
@@ -356,7 +407,9 @@ def reference_run(ray_cluster, train_shards, tiny_student, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
     # Trackers and the final evaluation ride along: they do not change the trajectory.
     cfg = _config(train_shards, tiny_student, out, report_to="all")
-    cfg = cfg.model_copy(update={"eval_shards": str(train_shards), "eval_max_samples": 8})
+    cfg = cfg.model_copy(
+        update={"eval_shards": str(train_shards), "eval_max_samples": 8, "eval_every": 3}
+    )
     summary = train(cfg)
     return out, summary
 
@@ -396,6 +449,11 @@ def test_reference_run_reports_rank0_steps_config_and_eval_to_trackers(reference
     evaluation = json.loads((out / "eval.json").read_text())["metrics"]
     assert summary.eval == evaluation and evaluation["samples"] == 8
     assert json.loads((out / "summary.json").read_text())["eval"]["todi"] == evaluation["todi"]
+
+    # --eval-every 3: held-out metrics at steps 3 and 6; at 6 the model is the exported one.
+    assert [r["step"] for r in records if "eval_fkl" in r] == [3, 6]
+    assert records[-1]["eval_fkl"] == pytest.approx(evaluation["fkl"], rel=1e-5)
+    assert records[2]["eval_fkl"] > records[-1]["eval_fkl"]
 
     scalars = tensorboard_scalars(out / "tensorboard")
     assert [s for s, _ in scalars["train/loss"]] == steps  # one value per step: rank 0 only

@@ -82,7 +82,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
         raise UserError(f"step failed (exit {done.returncode}): todi {' '.join(cmd[3:])}")
 
 
-class _Service:
+class LocalService:
     """`todi serve` in a child process on a free loopback port."""
 
     def __init__(
@@ -256,7 +256,9 @@ def _precompute_shards(
     """Start a teacher service on `out/shards`, run one REST job per dataset (the shard set
     is named like it), stop the service, verify the train set; the final job records."""
     shards = out / "shards"
-    service = _Service(teacher, cfg.teacher_backend, cfg.temperature, shards, out / "service.log")
+    service = LocalService(
+        teacher, cfg.teacher_backend, cfg.temperature, shards, out / "service.log"
+    )
     try:
         service.wait_healthy()
         print(f"service healthy at {service.url}")

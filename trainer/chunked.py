@@ -36,6 +36,7 @@ from todi.trainer.divergences import (
     coarsened_teacher,
     math_dtype,
     outcome_divergence,
+    renormalized_topk,
 )
 
 DEFAULT_CHUNK_SIZE: Final = 1024
@@ -144,20 +145,28 @@ def _sparse_chunk_forward(
     beta: float,
     need_grad: bool,
     reload: Callable[[Tensor], Tensor],
+    tail: bool = True,
 ) -> _ChunkForward:
     """Divergence of one chunk of rows. `zt` (student logits / T, owned) is overwritten with
     exp(zt - m) (0 at the ids), which `_assemble_grad` can turn into the logits' gradient.
 
-    Besides the logits, the backward needs only the per-row normalizer, log q_tail and G."""
+    Besides the logits, the backward needs only the per-row normalizer, log q_tail and G.
+    `tail=False`: the divergence of the top-k renormalized on both sides (`renormalized_topk`);
+    G over the tail is then 0 and the same gradient assembly applies."""
     lq_ids, lq_tail, norm = _coarsened_student(zt, topk_ids, reload)
     log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
     log_p = coarsened_teacher(topk_logprobs, lq_tail)
+
+    def divergence(lq: Tensor) -> Tensor:
+        if tail:
+            return outcome_divergence(kind, log_p, lq, beta=beta)
+        return outcome_divergence(kind, *renormalized_topk(log_p, lq), beta=beta)
+
     if not need_grad:
-        div = outcome_divergence(kind, log_p, log_q, beta=beta)
-        return _ChunkForward(div, norm, lq_tail, lq_ids, None)
+        return _ChunkForward(divergence(log_q), norm, lq_tail, lq_ids, None)
     with torch.enable_grad():
         leaf = log_q.detach().requires_grad_(True)
-        div = outcome_divergence(kind, log_p, leaf, beta=beta)
+        div = divergence(leaf)
         (grad,) = torch.autograd.grad(div.sum(), leaf)
     return _ChunkForward(div.detach(), norm, lq_tail, lq_ids, grad)
 
@@ -302,6 +311,7 @@ class _SparseDivergence(torch.autograd.Function):
         temperature: float,
         chunk_size: int,
         need_grad: bool,
+        tail: bool,
     ) -> Tensor:
         n = student_logits.shape[0]
         dtype = math_dtype(student_logits.dtype)
@@ -322,6 +332,7 @@ class _SparseDivergence(torch.autograd.Function):
                 beta,
                 need_grad,
                 functools.partial(_reload_rows, chunk, temperature),
+                tail,
             )
             div[sl], norm[sl], lq_tail[sl] = fwd.div, fwd.norm, fwd.lq_tail
             if fwd.grad is not None:
@@ -353,7 +364,7 @@ class _SparseDivergence(torch.autograd.Function):
                 div_scale=grad_div[sl].to(norm.dtype),
                 reload=functools.partial(_reload_rows, student_logits[sl], t),
             )
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def sparse_divergence(
@@ -365,6 +376,7 @@ def sparse_divergence(
     beta: float = 1.0,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tail: bool = True,
 ) -> Tensor:
     """Per-position divergence between the coarsened (k + 1)-outcome distributions -> [N].
 
@@ -379,6 +391,9 @@ def sparse_divergence(
     Memory: rows are processed `chunk_size` at a time, in forward and in backward (which
     recomputes the chunk's softmax), so at most a few [chunk_size, V] float temporaries live
     at once besides the input and its gradient. Gradients flow to `student_logits` only.
+
+    `tail=False`: drop the tail bucket and renormalize both sides over the k ids instead
+    (`todi.trainer.divergences.renormalized_topk`, the usual top-k distillation; an ablation).
     """
     check_kind(kind)
     check_params(beta, temperature)
@@ -395,6 +410,7 @@ def sparse_divergence(
         float(temperature),
         int(chunk_size),
         need_grad,
+        bool(tail),
     )
 
 
@@ -406,6 +422,7 @@ def reference_sparse_divergence(
     *,
     beta: float = 1.0,
     temperature: float = 1.0,
+    tail: bool = True,
 ) -> Tensor:
     """The same quantity as `sparse_divergence` in plain, unchunked autograd.
 
@@ -421,6 +438,8 @@ def reference_sparse_divergence(
     lq_tail = torch.logsumexp(masked, dim=-1) - lse
     log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
     log_p = coarsened_teacher(topk_logprobs.detach(), lq_tail.detach())
+    if not tail:
+        log_p, log_q = renormalized_topk(log_p, log_q)
     return outcome_divergence(kind, log_p, log_q, beta=beta)
 
 
@@ -495,6 +514,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         chunk_size: int,
         need_grad: tuple[bool, bool, bool],
         kd_weight: float | None,
+        tail: bool,
     ) -> tuple[Tensor, Tensor]:
         n, v = hidden.shape[0], weight.shape[0]
         dtype = math_dtype(hidden.dtype, weight.dtype)
@@ -526,7 +546,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     norm_1[sl] = _row_norm(z, ce_exp)  # ce_exp = exp(z - m_1)
                     z.div_(temperature)
                 fwd = _sparse_chunk_forward(
-                    kind, z, topk_ids[sl], topk_logprobs[sl], beta, any_grad, reload
+                    kind, z, topk_ids[sl], topk_logprobs[sl], beta, any_grad, reload, tail
                 )  # z is now exp(z / T - m)
                 norm_t[sl], lq_tail[sl] = fwd.norm, fwd.lq_tail
                 # CE = logsumexp(z) - z[label] = (m - z[label]) + log-sum.
@@ -568,7 +588,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             ctx.saved_tensors
         )
         t, size = ctx.temperature, ctx.chunk_size
-        nones = (None,) * 9
+        nones = (None,) * 10
         acc: _GradAccumulators | None = ctx.fused
         if acc is not None:
             ctx.fused = None  # once_differentiable: a second backward would need retain_graph
@@ -684,6 +704,7 @@ def chunked_head_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = IGNORE_INDEX,
     kd_weight: float | None = None,
+    tail: bool = True,
 ) -> HeadLossParts:
     """Summed CE and sparse divergence of the student's head, without [N, V] logits.
 
@@ -706,6 +727,8 @@ def chunked_head_loss(
       cross-entropy does, and backward only scales them (3 head matmuls, like plain autograd;
       the gradients of hidden and head are held from forward to backward). Any other weighting
       of the two sums still gets the right gradient: backward then recomputes.
+    `tail=False`: the divergence of the top-k renormalized on both sides, no tail bucket
+    (`todi.trainer.divergences.renormalized_topk`; an ablation, see `sparse_divergence`).
     The head matmul runs in the inputs' common dtype (bf16 stays bf16, like the model's own
     head); all softmax / divergence math is float32 and the head's gradient is accumulated in
     float32. Autocast is switched off inside (the dtype rule above decides).
@@ -746,6 +769,7 @@ def chunked_head_loss(
         int(chunk_size),
         need_grad,
         None if kd_weight is None else float(kd_weight),
+        bool(tail),
     )
     return HeadLossParts(ce_sum, div_sum, n_tokens)
 
@@ -762,6 +786,7 @@ def reference_head_loss(
     beta: float = 1.0,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
+    tail: bool = True,
 ) -> HeadLossParts:
     """The same sums as `chunked_head_loss` the naive way: full [N, V] logits, plain autograd.
 
@@ -772,6 +797,12 @@ def reference_head_loss(
     logits = logits.to(math_dtype(logits.dtype))
     ce_sum = F.cross_entropy(logits, labels[idx], reduction="sum")
     div = reference_sparse_divergence(
-        kind, logits, topk_ids[idx], topk_logprobs[idx], beta=beta, temperature=temperature
+        kind,
+        logits,
+        topk_ids[idx],
+        topk_logprobs[idx],
+        beta=beta,
+        temperature=temperature,
+        tail=tail,
     )
     return HeadLossParts(ce_sum, div.sum(), int(idx.numel()))

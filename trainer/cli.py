@@ -30,6 +30,11 @@ def train_command(
         None, "--temperature", help="Must equal the shard set's temperature (default: taken)."
     ),
     chunk_size: int = typer.Option(None, "--chunk-size", help="Positions per head chunk [1024]."),
+    topk_target: str = typer.Option(
+        None,
+        "--topk-target",
+        help="tail (k ids + tail bucket) | renormalized (k ids only, ablation) [tail].",
+    ),
     epochs: int = typer.Option(None, "--epochs", help="Passes over the data [1]."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (overrides epochs)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch [8]."),
@@ -84,6 +89,9 @@ def train_command(
     online_quantize: bool = typer.Option(
         None, "--online-quantize", help="Round online targets through the shard codec."
     ),
+    online_full_vocab: bool = typer.Option(
+        None, "--online-full-vocab", help="Online targets over the full vocabulary (k = V)."
+    ),
     report_to: str = typer.Option(
         None,
         "--report-to",
@@ -95,6 +103,9 @@ def train_command(
     ),
     eval_max_samples: int = typer.Option(
         None, "--eval-max-samples", help="Evaluate only the first N held-out samples."
+    ),
+    eval_every: int = typer.Option(
+        None, "--eval-every", help="Also evaluate on --eval-shards every N steps [0: end only]."
     ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar [on]."),
 ) -> None:

@@ -44,6 +44,11 @@ class TrainConfig(BaseModel):
         None, gt=0, description="must equal the shard set's temperature; None = take it"
     )
     chunk_size: int = Field(1024, ge=1, description="positions per head-loss chunk")
+    topk_target: Literal["tail", "renormalized"] = Field(
+        "tail",
+        description="tail: the k stored ids + one tail bucket (exact coarsening); renormalized: "
+        "the k ids only, both sides renormalized (what most tools do; an ablation)",
+    )
 
     # -- optimisation ----------------------------------------------------------------------
     epochs: int = Field(1, ge=1)
@@ -96,6 +101,11 @@ class TrainConfig(BaseModel):
     online_quantize: bool = Field(
         False, description="pass online targets through the shard codec (bit-equal to shards)"
     )
+    online_full_vocab: bool = Field(
+        False,
+        description="online teacher over the full vocabulary (k = V, no tail) instead of the "
+        "shard set's top-k: full-vocabulary distillation, the reference for offline top-k",
+    )
 
     # -- trackers and the final evaluation (trainer/tracking.py) ---------------------------
     report_to: list[str] = Field(
@@ -106,6 +116,9 @@ class TrainConfig(BaseModel):
         None, description="held-out shard set: evaluate the exported model on it at the end"
     )
     eval_max_samples: int | None = Field(None, ge=1, description="evaluate only the first N")
+    eval_every: int = Field(
+        0, ge=0, description="also evaluate on eval_shards every N steps (0 = at the end only)"
+    )
 
     progress: bool = True
 
@@ -137,6 +150,12 @@ class TrainConfig(BaseModel):
                 f"bucket_buffer ({self.bucket_buffer}) must be 0 or >= batch_size "
                 f"({self.batch_size})"
             )
+        if self.online_full_vocab and not self.online_teacher:
+            raise ValueError("online_full_vocab needs online_teacher")
+        if self.online_full_vocab and self.online_quantize:
+            raise ValueError("online_full_vocab and online_quantize exclude each other")
+        if self.eval_every and not self.eval_shards:
+            raise ValueError("eval_every needs eval_shards")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"

@@ -248,6 +248,22 @@ def teacher_tail_logprob(topk_logprobs: Tensor) -> Tensor:
     return tail.log().to(math_dtype(topk_logprobs.dtype))
 
 
+def renormalized_topk(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the tail bucket and renormalize both sides over the k ids: [c, k+1] -> [c, k].
+
+        log p'_i = log p_i - logsumexp_k log p,   log q'_i = log q_i - logsumexp_k log q
+
+    What most distillation tools do with stored top-k (axolotl, DistillKit): the divergence
+    then sees only how the mass is shared among the teacher's k ids, nothing of what either
+    side puts elsewhere. The trainer's `topk_target="renormalized"` (an ablation; the default
+    keeps the tail)."""
+    lp, lq = log_p[:, :-1], log_q[:, :-1]
+    return (
+        lp - torch.logsumexp(lp, dim=-1, keepdim=True),
+        lq - torch.logsumexp(lq, dim=-1, keepdim=True),
+    )
+
+
 def coarsened_teacher(topk_logprobs: Tensor, lq_tail: Tensor) -> Tensor:
     """Teacher log-probs over (k ids, tail) [c, k+1].
 

@@ -34,6 +34,13 @@ def eval_command(
         str | None,
         typer.Option("--teacher", help="Also evaluate this teacher folder, as a reference."),
     ] = None,
+    full_vocab_teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--full-vocab-teacher",
+            help="Run this teacher here and add full-vocabulary FKL/RKL/top-1 (T=1).",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the JSON report here.")] = None,
     beta: Annotated[float, typer.Option("--beta", help="ToDi's beta.")] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
@@ -102,6 +109,7 @@ def eval_command(
                 resolve_model=_resolve_model,
                 dtype=dtype,
                 progress=progress,
+                full_vocab_teacher=full_vocab_teacher,
             )
     finally:
         if bars:

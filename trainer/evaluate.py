@@ -13,6 +13,15 @@ tail bucket; the student through its logits z, at the same T:
     ce    = -log softmax(z)_{x[t+1]}         (at T = 1, on the shard's token, the label)
     perplexity = exp(ce)                     (of the token-weighted mean ce)
 
+With a full-vocabulary teacher (`reference=FullVocabTeacher(...)`, `todi eval
+--full-vocab-teacher DIR`), the teacher runs at evaluation time and the same positions also
+get the divergences over the WHOLE vocabulary at T = 1 (the models' own distributions,
+whatever temperature the shards were made at; no top-k, no tail):
+
+    full_fkl  = sum_v p_v (log p_v - log q_v)      p = softmax(teacher logits), q = softmax(z)
+    full_rkl  = sum_v q_v (log q_v - log p_v)
+    full_top1_agreement = [argmax_v z_v == argmax_v teacher_v]
+
 Every value is a mean over all response tokens of the whole set (sums, then one division by
 the token count), not a mean of per-batch or per-sequence means. Batches hold B * T <=
 max_tokens padded tokens; the student's logits are made from the last hidden state and the
@@ -137,10 +146,48 @@ def check_compatible(metadata: ShardSetMetadata, model, tokenizer=None) -> int:
 # Shard metrics
 
 
+class FullVocabTeacher:
+    """The teacher at evaluation time: its full-vocabulary log-probs (T = 1) at a batch's
+    response positions, for the `full_*` metrics.
+
+    `model`: the teacher (an HF causal LM, from `load_model`). `cache=True` keeps each batch's
+    log-probs ([n, V] float32, keyed by the batch's sample ids), so evaluating several students
+    on the same set runs the teacher once (memory: 4 * V bytes per response token, 0.2 MB at
+    V = 49,152)."""
+
+    def __init__(self, model, *, cache: bool = False) -> None:
+        self.model = model
+        self.head = _linear_head(model)
+        self._cache: dict[tuple[str, ...], torch.Tensor] | None = {} if cache else None
+
+    def logprobs(self, batch: Batch, inputs: dict, rows, cols, v_lim: int) -> torch.Tensor:
+        """log softmax(teacher logits[:v_lim]) at (rows, cols) of `batch` -> [n, v_lim]."""
+        key = tuple(batch.sample_ids)
+        if self._cache is not None and key in self._cache:
+            hit = self._cache[key]
+            if hit.shape == (len(rows), v_lim):
+                return hit
+        if self.head is not None:
+            body, weight, bias = self.head
+            states = body(**inputs).last_hidden_state[rows, cols]
+            logits = torch.nn.functional.linear(
+                states, weight[:v_lim], None if bias is None else bias[:v_lim]
+            )
+        else:
+            logits = self.model(**inputs).logits[rows, cols, :v_lim]
+        out = torch.log_softmax(logits.float(), dim=-1)
+        if self._cache is not None:
+            self._cache[key] = out
+        return out
+
+
 @dataclass
 class _Sums:
     """Running float64 sums over response tokens (turned into means once, at the end)."""
 
+    full_fkl: float = 0.0
+    full_rkl: float = 0.0
+    full_agree: int = 0
     fkl: float = 0.0
     rkl: float = 0.0
     todi: float = 0.0
@@ -175,6 +222,15 @@ def _position_stats(
     sums.tokens += len(z)
 
 
+def _full_vocab_stats(z: torch.Tensor, teacher_lp: torch.Tensor, sums: _Sums) -> None:
+    """Add the full-vocabulary FKL / RKL / top-1 (T = 1) of one chunk: z, teacher_lp [c, V]."""
+    lq = torch.log_softmax(z.float(), dim=-1)
+    diff = teacher_lp - lq
+    sums.full_fkl += float((teacher_lp.exp() * diff).sum(dtype=torch.float64))
+    sums.full_rkl += float((lq.exp() * -diff).sum(dtype=torch.float64))
+    sums.full_agree += int((lq.argmax(-1) == teacher_lp.argmax(-1)).sum())
+
+
 def evaluate_shards(
     model,
     shard_set: ShardSet | str | os.PathLike[str],
@@ -187,6 +243,7 @@ def evaluate_shards(
     chunk_size: int = EVAL_CHUNK_SIZE,
     full_logits: bool = False,
     progress: bool = False,
+    reference: FullVocabTeacher | None = None,
 ) -> dict[str, Any]:
     """Per-token divergences, top-1 agreement and CE/perplexity of `model` on a shard set.
 
@@ -197,7 +254,8 @@ def evaluate_shards(
     `full_logits` takes the model's own [B, T, V] logits instead of the chunked head (the
     fallback path, for models without a linear head; same values). Returns a
     JSON-ready dict: fkl, rkl, todi, top1_agreement, ce, perplexity, teacher_topk_mass (mean
-    stored top-k mass), tokens, samples, beta, temperature, top_k, seconds, tokens_per_second.
+    stored top-k mass), tokens, samples, beta, temperature, top_k, seconds, tokens_per_second;
+    with `reference` also full_fkl, full_rkl, full_top1_agreement (module docstring).
     """
     if isinstance(shard_set, str | os.PathLike):
         shard_set = open_shard_set(shard_set)
@@ -213,6 +271,7 @@ def evaluate_shards(
         full_logits=full_logits,
         progress=progress,
         total=total,
+        reference=reference,
     )
 
 
@@ -228,6 +287,7 @@ def evaluate_batches(
     full_logits: bool = False,
     progress: bool = False,
     total: int | None = None,
+    reference: FullVocabTeacher | None = None,
 ) -> dict[str, Any]:
     """`evaluate_shards` over any stream of `storage.Batch` whose targets follow `metadata`."""
     if not beta > 0:
@@ -248,7 +308,18 @@ def evaluate_batches(
                     break
                 if max_samples is not None and sums.samples + len(batch.sample_ids) > max_samples:
                     batch = _first_samples(batch, max_samples - sums.samples)
-                _batch_stats(model, head, batch, sums, v_lim, device, beta, temperature, chunk_size)
+                _batch_stats(
+                    model,
+                    head,
+                    batch,
+                    sums,
+                    v_lim,
+                    device,
+                    beta,
+                    temperature,
+                    chunk_size,
+                    reference,
+                )
                 sums.samples += len(batch.sample_ids)
                 if bar is not None:
                     bar.update(len(batch.sample_ids))
@@ -261,7 +332,15 @@ def evaluate_batches(
         raise EvalError("the shard set has no response tokens to evaluate")
     n = sums.tokens
     ce = sums.ce / n
+    full = {}
+    if reference is not None:
+        full = {
+            "full_fkl": sums.full_fkl / n,
+            "full_rkl": sums.full_rkl / n,
+            "full_top1_agreement": sums.full_agree / n,
+        }
     return {
+        **full,
         "fkl": sums.fkl / n,
         "rkl": sums.rkl / n,
         "todi": sums.todi / n,
@@ -304,7 +383,9 @@ def _linear_head(model) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:
         return None
 
 
-def _batch_stats(model, head, batch, sums, v_lim, device, beta, temperature, chunk_size) -> None:
+def _batch_stats(
+    model, head, batch, sums, v_lim, device, beta, temperature, chunk_size, reference=None
+) -> None:
     """Add one batch. With a linear head (the usual case) only the last hidden state [B, T, H]
     is kept and the logits exist for one chunk of response positions at a time; otherwise the
     model's own [B, T, V] logits of this one batch are held."""
@@ -330,6 +411,7 @@ def _batch_stats(model, head, batch, sums, v_lim, device, beta, temperature, chu
         bias = None if bias is None else bias[:v_lim]
     else:
         states = model(**inputs).logits  # [B, T, V]
+    teacher_lp = None if reference is None else reference.logprobs(batch, inputs, rows, cols, v_lim)
     for s in range(0, len(rows), chunk_size):
         sl = slice(s, s + chunk_size)
         if head is not None:
@@ -345,6 +427,8 @@ def _batch_stats(model, head, batch, sums, v_lim, device, beta, temperature, chu
             beta=beta,
             temperature=temperature,
         )
+        if teacher_lp is not None:
+            _full_vocab_stats(z, teacher_lp[sl], sums)
     del states
 
 
@@ -585,6 +669,7 @@ def evaluate(
     dtype: str | None = None,
     resolve_model: Callable[[str], str] | None = None,
     progress: bool = False,
+    full_vocab_teacher: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate each named model SPEC (e.g. {"student": SPEC, "teacher": DIR}) on a shard set.
 
@@ -593,6 +678,8 @@ def evaluate(
     report: {"shards", "complete", "metadata", "models": {name: {"spec", "shards":
     evaluate_shards(...), "generation": rouge_l_eval(...) or None}}, "metrics", "generation"},
     where the top-level "metrics"/"generation" repeat those of the first model.
+    `full_vocab_teacher` (a folder or name): run it once over the set (cached across the
+    models) and add the full-vocabulary metrics (`FullVocabTeacher`) to every model's entry.
     """
     shard_set = open_shard_set(shards)
     rows = (
@@ -605,6 +692,13 @@ def evaluate(
         model, tokenizer = load_model(spec, device=device, dtype=dtype, resolve=resolve_model)
         check_compatible(shard_set.signature, model, tokenizer)
         loaded[name] = (spec, model, tokenizer)
+    reference = None
+    if full_vocab_teacher is not None:
+        t_model, t_tok = load_model(
+            full_vocab_teacher, device=device, dtype=dtype, resolve=resolve_model
+        )
+        check_compatible(shard_set.signature, t_model, t_tok)
+        reference = FullVocabTeacher(t_model, cache=len(loaded) > 1)
     report: dict[str, Any] = {
         "shards": str(shards),
         "complete": shard_set.complete,
@@ -622,6 +716,7 @@ def evaluate(
             max_samples=max_samples,
             tokenizer=tokenizer,
             progress=progress,
+            reference=reference,
         )
         entry["generation"] = None
         if generate is not None and rows is not None:
@@ -652,6 +747,9 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("shards", "ce", "CE (labels, T=1)"),
     ("shards", "perplexity", "perplexity"),
     ("shards", "tokens", "response tokens"),
+    ("shards", "full_fkl", "full-vocab FKL (T=1)"),
+    ("shards", "full_rkl", "full-vocab RKL (T=1)"),
+    ("shards", "full_top1_agreement", "full-vocab top-1"),
 )
 
 
@@ -660,6 +758,8 @@ def report_table(report: dict[str, Any]) -> list[list[str]]:
     names = list(report["models"])
     lines = [["metric", *names]]
     for section, key, label in TABLE_ROWS:
+        if all(key not in report["models"][n][section] for n in names):
+            continue
         lines.append([label, *(_fmt(report["models"][n][section].get(key)) for n in names)])
     gens = [report["models"][n].get("generation") for n in names]
     if any(g is not None for g in gens):

@@ -44,7 +44,9 @@ class OnlineTeacher:
     """Fills a Batch's top-k targets from a live HF teacher.
 
     `teacher`: an HF folder, started in float32 with `engine` (a TeacherFactory) and closed
-    by `close`, or an already running engine (any kind; left open)."""
+    by `close`, or an already running engine (any kind; left open). `full_vocab`: the
+    teacher's whole distribution (k = V ids per position, nothing in the tail) instead of the
+    shard set's top-k: full-vocabulary distillation with the teacher in the loop."""
 
     def __init__(
         self,
@@ -52,19 +54,22 @@ class OnlineTeacher:
         meta: ShardSetMetadata,
         *,
         quantize: bool = False,
+        full_vocab: bool = False,
         device: str | None = None,
         vocab_limit: int | None = None,
         engine: TeacherFactory | None = None,
     ) -> None:
+        if full_vocab and quantize:
+            raise OnlineTeacherError("full_vocab targets are not shard rows: no quantize")
+        # full_vocab: k = V (every id, no tail), the chunked loss then equals the dense form.
+        top_k = meta.vocab_size if full_vocab else meta.top_k
         if isinstance(teacher, str | Path):
             if engine is None:
                 raise OnlineTeacherError(
                     f"online teacher {teacher}: no engine to start it with (pass `engine`; "
                     "`todi train --online-teacher` passes the hf backend)"
                 )
-            self.backend = engine(
-                str(teacher), max_top_k=meta.top_k, device=device, dtype="float32"
-            )
+            self.backend = engine(str(teacher), max_top_k=top_k, device=device, dtype="float32")
             self._owned = True
         else:
             self.backend, self._owned = teacher, False
@@ -81,7 +86,7 @@ class OnlineTeacher:
                 f"{meta.vocab_size}"
             )
         self.meta = meta
-        self.top_k = meta.top_k
+        self.top_k = top_k
         self.temperature = meta.temperature
         self.quantize = quantize
         self.vocab_limit = vocab_limit

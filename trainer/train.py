@@ -118,8 +118,10 @@ class StudentObjective(nn.Module):
         vocab_limit: int | None = None,
         bf16: bool = False,
         kd_weight: float | None = None,
+        tail: bool = True,
     ) -> None:
         super().__init__()
+        self.tail = tail  # False: renormalized top-k, no tail bucket (chunked_head_loss)
         self.model = model
         self.kind, self.beta, self.temperature = kind, beta, temperature
         self.chunk_size = chunk_size
@@ -175,6 +177,7 @@ class StudentObjective(nn.Module):
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             kd_weight=self.kd_weight,
+            tail=self.tail,
         )
         return parts.ce_sum, parts.div_sum
 
@@ -442,6 +445,7 @@ def _worker_objective(
         vocab_limit=lc["vocab_limit"],
         bf16=bf16,
         kd_weight=cfg.kd_weight,
+        tail=cfg.topk_target == "tail",
     )
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(
@@ -504,6 +508,7 @@ class _Worker:
                 cfg.online_teacher,
                 self.meta,
                 quantize=cfg.online_quantize,
+                full_vocab=cfg.online_full_vocab,
                 device=str(self.device),
                 vocab_limit=lc["vocab_limit"],
                 engine=lc["teacher_engine"],
@@ -651,10 +656,29 @@ class _Worker:
             "teacher_s": teacher_s,
             "elapsed_s": time.perf_counter() - self.t_start,
         }
+        if self.rank == 0 and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            record.update(self._heldout())
         queue = self.lc["queue"]
         if self.rank == 0 and queue is not None:
             queue.put(record)
         return record
+
+    def _heldout(self) -> dict[str, float]:
+        """`--eval-every`: the held-out shard metrics of the model as it is now, as `eval_*`
+        (rank 0 only; the other workers wait at the next step's all-reduce). Evaluation draws
+        no random numbers, so the run itself is the same with or without it."""
+        from todi.trainer.evaluate import evaluate_shards
+
+        cfg = self.cfg
+        metrics = evaluate_shards(
+            self.model,
+            cfg.eval_shards,
+            beta=cfg.beta,
+            max_samples=cfg.eval_max_samples,
+            tokenizer=self.tokenizer,
+        )
+        keys = ("fkl", "rkl", "todi", "top1_agreement", "ce", "teacher_topk_mass", "seconds")
+        return {f"eval_{k}": float(metrics[k]) for k in keys}
 
     def _report(self, metrics: dict[str, Any], save: bool) -> None:
         """Report `metrics` to Ray Train, with a checkpoint (written by rank 0) if `save`."""
@@ -938,6 +962,8 @@ def train(cfg: TrainConfig, *, teacher_engine: TeacherFactory | None = None) -> 
     """
     t0 = time.perf_counter()
     cfg = cfg.model_copy(update={"shards": _absolute_local(cfg.shards)})
+    if cfg.eval_shards:  # workers open it too (--eval-every)
+        cfg = cfg.model_copy(update={"eval_shards": _absolute_local(cfg.eval_shards)})
     if cfg.online_teacher:
         if teacher_engine is None:
             raise TrainError("online_teacher: needs a teacher engine (train(cfg, teacher_engine=))")

@@ -1,0 +1,549 @@
+"""Does it distill? The ToDi paper's comparison at small scale, and what offline top-k costs.
+
+Every run goes through the product: answers and shards from `todi serve` + `todi precompute`
+(vLLM), training with `todi train` (Ray), evaluation with the functions `todi eval` runs
+(`todi.trainer.evaluate`), with the teacher run once over the held-out set at full vocabulary.
+
+Phases (each kept on disk and skipped when already done, so a grid can span several sittings):
+
+1. data    prompts (chatterbot-corpus turns, or `--prompts FILE`) answered by the teacher on
+           vLLM; a held-out split never trained on;
+2. shards  one `todi serve` per temperature, `todi precompute --server` per (split, k);
+3. runs    one `todi train` per (setting, seed), identical budget; each run ends with the
+           held-out evaluation (full-vocabulary FKL/RKL/top-1/CE against the teacher, the
+           stored-top-k metrics, ROUGE-L of sampled answers over several sampling seeds);
+           `runs/<setting>-s<seed>/result.json` marks a finished run;
+4. report  `quality.json` (every run, mean +- std per setting, paired ToDi - best other
+           method with a 95% interval), `quality.png` (held-out divergence against steps).
+
+Settings: SFT (CE only), FKL, RKL, JS, TVD, AKL, ToDi at top-64 + tail and T = 2 (the main
+comparison), and ToDi ablations: top-8 + tail, top-64 renormalized without the tail, the
+full-vocabulary teacher in the loop (online), and T = 1.
+
+    .venv/bin/python bench/quality.py                 # the committed grid (2 CPU cores)
+    .venv/bin/python bench/quality.py --settings todi,fkl --seeds 0  # part of it
+    .venv/bin/python bench/quality.py --prompts my.jsonl --out /tmp/q  # other prompts
+
+On a GPU machine the same command uses it (`todi train` and evaluation pick CUDA); raise
+`--steps`, `--batch-size`, `--student-layers` and `--heldout` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+UNIFORM = ("fkl", "rkl", "js", "tvd", "akl")
+MAIN = ("sft", *UNIFORM, "todi")
+ABLATIONS = ("todi-k8", "todi-renorm", "todi-online-full", "todi-t1")
+
+
+class StudyConfig(BaseModel):
+    """Sizes of the study; the defaults are the committed 2-core grid."""
+
+    out: str = Field(description="working folder (data, shards, runs)")
+    prompts: str | None = Field(None, description="JSONL prompt/response rows; None: chatterbot")
+    heldout: int = 320
+    answer_tokens: int = 24
+    max_seq_len: int = 128
+    student_layers: int = 10
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    kd_weight: float = 0.5
+    beta: float = 1.0
+    top_k: int = 64
+    small_k: int = 8
+    temperature: float = 2.0
+    workers: int = 1
+    cpus_per_worker: float = 2.0
+    curve_every: int = 25
+    curve_samples: int = 64
+    rouge_seeds: tuple[int, ...] = (0, 1, 2)
+    rouge_prompts: int = 160
+    seeds: tuple[int, ...] = (0, 1, 2)
+    settings: tuple[str, ...] = MAIN + ABLATIONS
+    data_seed: int = 0
+
+
+def _todi(*args: str) -> list[str]:
+    return [sys.executable, "-m", "todi.cli", *args]
+
+
+def _run(cmd: list[str], log: Path | None = None) -> None:
+    print("$ todi " + " ".join(cmd[3:]), flush=True)
+    if log is None:
+        done = subprocess.run(cmd)
+    else:
+        with open(log, "ab") as f:
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        where = f" (log: {log})" if log else ""
+        raise SystemExit(f"failed (exit {done.returncode}): todi {' '.join(cmd[3:])}{where}")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. data
+
+
+def chatterbot_turns() -> list[str]:
+    """Every distinct turn of the English chatterbot-corpus conversations (1,880 texts)."""
+    import glob
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("package 'chatterbot_corpus' is missing: pip install chatterbot-corpus")
+    root = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    seen: set[str] = set()
+    out: list[str] = []
+    for path in sorted(glob.glob(str(root / "*.yml"))):
+        with open(path, encoding="utf-8") as f:
+            for conversation in yaml.safe_load(f).get("conversations", []) or []:
+                for turn in conversation or []:
+                    text = str(turn).strip()
+                    if text and len(text) < 400 and text.lower() not in seen:
+                        seen.add(text.lower())
+                        out.append(text)
+    return out
+
+
+def _read_prompts(path: str) -> list[str]:
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise SystemExit(f"{path}:{n}: expected a JSON object with a string 'prompt'")
+            prompts.append(row["prompt"])
+    return prompts
+
+
+def build_data(cfg: StudyConfig, teacher: Path) -> tuple[Path, Path]:
+    """(train.jsonl, heldout.jsonl): the prompts answered by the teacher (vLLM, sampled at
+    T = 0.7, top-p 0.9, as the demo builds them); `heldout` rows never trained on."""
+    from todi.services.answers import generate_answers
+
+    data = Path(cfg.out) / "data"
+    train, held = data / "train.jsonl", data / "heldout.jsonl"
+    if train.is_file() and held.is_file():
+        return train, held
+    prompts = _read_prompts(cfg.prompts) if cfg.prompts else chatterbot_turns()
+    t0 = time.monotonic()
+    answers = generate_answers(
+        teacher, prompts, backend="vllm", max_new_tokens=cfg.answer_tokens, seed=cfg.data_seed
+    )
+    rows = [
+        {"id": f"q{i}", "prompt": p, "response": a}
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+        if a
+    ]
+    random.Random(cfg.data_seed).shuffle(rows)
+    if len(rows) <= cfg.heldout:
+        raise SystemExit(f"{len(rows)} answered prompts: not enough for {cfg.heldout} held out")
+    data.mkdir(parents=True, exist_ok=True)
+    for path, part in ((held, rows[: cfg.heldout]), (train, rows[cfg.heldout :])):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+        os.replace(tmp, path)
+    (data / "timing.json").write_text(json.dumps({"answers_s": time.monotonic() - t0}))
+    return train, held
+
+
+# --------------------------------------------------------------------------------------------
+# 2. shards
+
+
+def shard_sets(cfg: StudyConfig) -> dict[str, tuple[str, int, float]]:
+    """name -> (split, k, T) of every shard set the chosen settings need."""
+    sets = {
+        f"train-k{cfg.top_k}-T{cfg.temperature:g}": ("train", cfg.top_k, cfg.temperature),
+        f"heldout-k{cfg.top_k}-T{cfg.temperature:g}": ("heldout", cfg.top_k, cfg.temperature),
+    }
+    if "todi-k8" in cfg.settings:
+        sets[f"train-k{cfg.small_k}-T{cfg.temperature:g}"] = (
+            "train",
+            cfg.small_k,
+            cfg.temperature,
+        )
+    if "todi-t1" in cfg.settings:
+        sets[f"train-k{cfg.top_k}-T1"] = ("train", cfg.top_k, 1.0)
+        sets[f"heldout-k{cfg.top_k}-T1"] = ("heldout", cfg.top_k, 1.0)
+    return sets
+
+
+def build_shards(cfg: StudyConfig, teacher: Path, data: dict[str, Path]) -> Path:
+    """Every needed shard set under out/shards, written by `todi precompute --server`."""
+    from todi.demo import LocalService
+
+    root = Path(cfg.out) / "shards"
+    todo = {n: s for n, s in shard_sets(cfg).items() if not (root / f"{n}.done").exists()}
+    for temp in sorted({t for _, _, t in todo.values()}):
+        service = LocalService(teacher, "vllm", temp, root, Path(cfg.out) / "service.log")
+        try:
+            service.wait_healthy()
+            for name, (split, k, t) in todo.items():
+                if t != temp:
+                    continue
+                # fmt: off
+                _run(_todi(
+                    "precompute", "--server", service.url, "--dataset", str(data[split]),
+                    "--out", name, "--top-k", str(k), "--temperature", str(t),
+                    "--max-seq-len", str(cfg.max_seq_len), "--no-progress",
+                ))
+                # fmt: on
+                _run(_todi("shards", "verify", str(root / name)))
+                (root / f"{name}.done").write_text("")
+        finally:
+            service.stop()
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# 3. runs
+
+
+def setting_args(cfg: StudyConfig, setting: str, teacher: Path) -> tuple[str, list[str]]:
+    """(training shard set, the `todi train` flags that make `setting`)."""
+    main = f"train-k{cfg.top_k}-T{cfg.temperature:g}"
+    if setting == "sft":
+        return main, ["--loss", "fkl", "--kd-weight", "0"]
+    if setting in UNIFORM or setting == "todi":
+        return main, ["--loss", setting]
+    if setting == "todi-k8":
+        return f"train-k{cfg.small_k}-T{cfg.temperature:g}", ["--loss", "todi"]
+    if setting == "todi-renorm":
+        return main, ["--loss", "todi", "--topk-target", "renormalized"]
+    if setting == "todi-online-full":
+        return main, ["--loss", "todi", "--online-teacher", str(teacher), "--online-full-vocab"]
+    if setting == "todi-t1":
+        return f"train-k{cfg.top_k}-T1", ["--loss", "todi"]
+    raise SystemExit(f"unknown setting {setting!r}; expected one of {', '.join(MAIN + ABLATIONS)}")
+
+
+class Evaluator:
+    """The held-out evaluation of `todi eval`, kept in this process across runs: the teacher's
+    full-vocabulary log-probs are computed once (`FullVocabTeacher(cache=True)`)."""
+
+    def __init__(self, cfg: StudyConfig, teacher: Path, shards: Path, heldout_jsonl: Path):
+        from todi.trainer.evaluate import FullVocabTeacher, load_model, read_reference_rows
+
+        self.cfg = cfg
+        self.shards = shards / f"heldout-k{cfg.top_k}-T{cfg.temperature:g}"
+        model, _ = load_model(teacher)
+        self.reference = FullVocabTeacher(model, cache=True)
+        self.rows = read_reference_rows(heldout_jsonl, cfg.rouge_prompts)
+
+    def __call__(self, spec: str | Path, *, rouge: bool = True) -> dict[str, Any]:
+        from todi.trainer.evaluate import evaluate_shards, load_model, rouge_l_eval
+
+        model, tokenizer = load_model(spec)
+        out = evaluate_shards(
+            model, self.shards, beta=self.cfg.beta, tokenizer=tokenizer, reference=self.reference
+        )
+        if rouge:
+            out["rouge_l"] = rouge_l_eval(
+                model,
+                tokenizer,
+                self.rows,
+                self.cfg.rouge_seeds,
+                max_new_tokens=self.cfg.answer_tokens,
+                temperature=1.0,
+                top_p=1.0,
+                batch_size=32,
+            )
+        return out
+
+
+def train_run(cfg: StudyConfig, setting: str, seed: int, teacher: Path, shards: Path) -> Path:
+    """`todi train` of one (setting, seed) into runs/<setting>-s<seed>/train; its folder."""
+    run = Path(cfg.out) / "runs" / f"{setting}-s{seed}"
+    if run.exists():
+        shutil.rmtree(run)  # an unfinished run starts over (result.json marks finished ones)
+    run.mkdir(parents=True)
+    train_set, extra = setting_args(cfg, setting, teacher)
+    heldout = shards / f"heldout-k{cfg.top_k}-T{cfg.temperature:g}"
+    # fmt: off
+    _run(_todi(
+        "train", "--shards", str(shards / train_set),
+        "--student", f"init:teacher={teacher},layers={cfg.student_layers}",
+        "--out", str(run / "train"), "--beta", str(cfg.beta), "--kd-weight", str(cfg.kd_weight),
+        "--max-steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
+        "--warmup-steps", str(cfg.warmup_steps), "--seed", str(seed),
+        "--workers", str(cfg.workers), "--cpus-per-worker", str(cfg.cpus_per_worker),
+        "--eval-shards", str(heldout), "--eval-every", str(cfg.curve_every),
+        "--eval-max-samples", str(cfg.curve_samples), "--no-progress",
+        *extra,  # a later --kd-weight (SFT's 0) wins
+    ), log=run / "train.log")
+    # fmt: on
+    return run
+
+
+def run_grid(cfg: StudyConfig, teacher: Path, shards: Path, heldout_jsonl: Path) -> None:
+    """Every (setting, seed) without a result.json: train, evaluate, record. Seed-major
+    order, so a grid cut short still has every setting at the first seeds."""
+    runs = Path(cfg.out) / "runs"
+    todo = [
+        (setting, seed)
+        for seed in cfg.seeds
+        for setting in cfg.settings
+        if not (runs / f"{setting}-s{seed}" / "result.json").is_file()
+    ]
+    init = runs / "init.json"
+    if not todo and init.is_file():
+        return
+    evaluator = Evaluator(cfg, teacher, shards, heldout_jsonl)
+    if not init.is_file():
+        spec = f"init:teacher={teacher},layers={cfg.student_layers}"
+        teacher_result = evaluator(teacher)
+        _write_json(init, {"student": evaluator(spec), "teacher": teacher_result})
+    for n, (setting, seed) in enumerate(todo, 1):
+        print(f"== run {n}/{len(todo)}: {setting} seed {seed}", flush=True)
+        t0 = time.monotonic()
+        run = train_run(cfg, setting, seed, teacher, shards)
+        trained = time.monotonic() - t0
+        log = [json.loads(x) for x in (run / "train" / "train_log.jsonl").read_text().splitlines()]
+        heldout = evaluator(run / "train" / "model")
+        result = {
+            "setting": setting,
+            "seed": seed,
+            "heldout": heldout,
+            "curve": [
+                {k: r[k] for k in r if k == "step" or k.startswith("eval_")}
+                for r in log
+                if "eval_fkl" in r
+            ],
+            "train": {
+                "steps": len(log),
+                "first_loss": log[0]["loss"],
+                "last_loss": log[-1]["loss"],
+                "mean_step_s": statistics.fmean(r["step_s"] for r in log),
+                "mean_teacher_s": statistics.fmean(r["teacher_s"] for r in log),
+                "seconds": trained,
+            },
+            "eval_seconds": time.monotonic() - t0 - trained,
+        }
+        _write_json(run / "result.json", result)
+        shutil.rmtree(run / "train" / "ray", ignore_errors=True)  # checkpoints: not needed
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. report
+
+METRICS = (
+    ("full_fkl", "FKL (full vocab)", -1),
+    ("full_rkl", "RKL (full vocab)", -1),
+    ("full_top1_agreement", "top-1", +1),
+    ("ce", "CE", -1),
+    ("rouge_l", "ROUGE-L", +1),
+)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+
+
+def _value(result: dict, metric: str) -> float:
+    held = result["heldout"]
+    return float(held["rouge_l"]["rouge_l_mean"] if metric == "rouge_l" else held[metric])
+
+
+def _mean_std(values: list[float]) -> dict[str, float | int]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """a - b over the seeds both have: mean and its 95% t-interval."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    m, sd = statistics.fmean(d), statistics.stdev(d)
+    half = T_975.get(len(d) - 1, 1.96) * sd / math.sqrt(len(d))
+    return {"mean": m, "low": m - half, "high": m + half, "seeds": seeds}
+
+
+def topk_mass(shards: Path) -> dict[str, float]:
+    """Mean teacher probability mass in the stored top-k (and in its first 8) per held-out
+    set: how much the tail bucket carries at each (k, T)."""
+    from todi.storage import open_shard_set
+
+    out = {}
+    for path in sorted(shards.glob("heldout-*")):
+        if not path.is_dir():
+            continue
+        s = open_shard_set(path)
+        mass_k = mass_8 = n = 0.0
+        for sample in s.iter_samples():
+            p = np.exp(sample.topk_logprobs.astype(np.float64))
+            mass_k += float(p.sum())
+            mass_8 += float(p[:, :8].sum())
+            n += p.shape[0]
+        k, temp = s.metadata.top_k, s.metadata.temperature
+        out[f"k{k}-T{temp:g}"] = mass_k / n
+        out[f"k8-T{temp:g}"] = mass_8 / n
+    return out
+
+
+def report(cfg: StudyConfig, shards: Path) -> dict[str, Any]:
+    runs = Path(cfg.out) / "runs"
+    results = [json.loads(p.read_text()) for p in sorted(runs.glob("*-s*/result.json"))]
+    by: dict[str, dict[int, dict]] = {}
+    for r in results:
+        by.setdefault(r["setting"], {})[r["seed"]] = r
+    order = [s for s in MAIN + ABLATIONS if s in by]
+    summary = {
+        s: {m: _mean_std([_value(r, m) for r in by[s].values()]) for m, _, _ in METRICS}
+        for s in order
+    }
+    paired = {}
+    others = [s for s in ("sft", *UNIFORM) if s in by]
+    if "todi" in by and others:
+        for m, _, sign in METRICS:
+            best = min(others, key=lambda s: -sign * summary[s][m]["mean"])
+            vals = {s: {seed: _value(r, m) for seed, r in by[s].items()} for s in by}
+            paired[m] = {"best_other": best, **(_paired(vals["todi"], vals[best]) or {})}
+    init = json.loads((runs / "init.json").read_text())
+    out = {
+        "benchmark": "quality",
+        "machine": machine(),
+        "config": cfg.model_dump(mode="json"),
+        "teacher_topk_mass": topk_mass(shards),
+        "init": init,
+        "summary": summary,
+        "paired_todi_minus_best": paired,
+        "runs": results,
+    }
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    start = result["init"]["student"]["fkl"]
+    for ax, group, title in (
+        (axes[0], MAIN, "methods (top-64 + tail, T = 2)"),
+        (axes[1], ("todi", *ABLATIONS), "ToDi ablations"),
+    ):
+        for setting in group:
+            runs = [r for r in result["runs"] if r["setting"] == setting]
+            if not runs:
+                continue
+            steps = [0] + [c["step"] for c in runs[0]["curve"]]
+            curves = [[start] + [c["eval_fkl"] for c in r["curve"]] for r in runs]
+            mean = [statistics.fmean(v) for v in zip(*curves, strict=True)]
+            ax.plot(steps, mean, marker="o", label=f"{setting} (n={len(runs)})")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("held-out FKL to the teacher (top-64 + tail, T = 2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print("| setting | " + " | ".join(label for _, label, _ in METRICS) + " |")
+    print("|---" * (len(METRICS) + 1) + "|")
+    for setting, row in result["summary"].items():
+        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m, _, _ in METRICS]
+        print(f"| {setting} (n={row[METRICS[0][0]]['n']}) | " + " | ".join(cells) + " |")
+    for m, p in result["paired_todi_minus_best"].items():
+        if "mean" in p:
+            print(
+                f"ToDi - {p['best_other']} on {m}: {p['mean']:+.4f} "
+                f"[{p['low']:+.4f}, {p['high']:+.4f}] (seeds {p['seeds']})"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_teacher() -> Path:
+    from todi.services.models import prepare_model
+
+    return Path(prepare_model("smollm2-135m-instruct"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from todi.common.paths import todi_home
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(todi_home() / "quality"))
+    ap.add_argument("--prompts", help="JSONL with a 'prompt' per row (default: chatterbot)")
+    ap.add_argument("--settings", help=f"comma-separated, of {','.join(MAIN + ABLATIONS)}")
+    ap.add_argument("--seeds", help="comma-separated training seeds [0,1,2]")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--student-layers", type=int)
+    ap.add_argument("--heldout", type=int)
+    ap.add_argument("--rouge-prompts", type=int)
+    ap.add_argument("--results", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--report-only", action="store_true", help="no new runs: report what is")
+    args = ap.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if "settings" in given:
+        given["settings"] = tuple(x for x in given["settings"].split(",") if x)
+    if "seeds" in given:
+        given["seeds"] = tuple(int(x) for x in given["seeds"].split(","))
+    for key in ("results", "report_only"):
+        given.pop(key, None)
+    cfg = StudyConfig(**given)
+    for s in cfg.settings:
+        if s not in MAIN + ABLATIONS:
+            raise SystemExit(
+                f"unknown setting {s!r}; expected one of {', '.join(MAIN + ABLATIONS)}"
+            )
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    teacher = _prepare_teacher()
+    train_jsonl, held_jsonl = build_data(cfg, teacher)
+    shards = build_shards(cfg, teacher, {"train": train_jsonl, "heldout": held_jsonl})
+    if not args.report_only:
+        run_grid(cfg, teacher, shards, held_jsonl)
+    result = report(cfg, shards)
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("benchmark", "summary", "paired_todi_minus_best")}))
+    print_table(result)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
