@@ -22,8 +22,8 @@ from todi.storage import (
     open_shard_set,
 )
 from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
-from todi.trainer.eval_cli import register
 from todi.trainer.divergences import dense_divergence
+from todi.trainer.eval_cli import register
 from todi.trainer.evaluate import (
     EvalError,
     FullVocabTeacher,
