@@ -260,6 +260,7 @@ class Evaluator:
         from todi.trainer.evaluate import evaluate_shards, load_model, rouge_l_eval
 
         model, tokenizer = load_model(spec)
+        t0 = time.monotonic()
         out = evaluate_shards(
             model, self.shards, beta=self.cfg.beta, tokenizer=tokenizer, reference=self.reference
         )
@@ -274,6 +275,8 @@ class Evaluator:
                 top_p=1.0,
                 batch_size=32,
             )
+        out["eval_seconds"] = time.monotonic() - t0
+        print(f"evaluated {spec} in {out['eval_seconds']:.0f} s", flush=True)
         return out
 
 
@@ -302,15 +305,22 @@ def train_run(cfg: StudyConfig, setting: str, seed: int, teacher: Path, shards: 
 
 
 def run_grid(cfg: StudyConfig, teacher: Path, shards: Path, heldout_jsonl: Path) -> None:
-    """Every (setting, seed) without a result.json: train, evaluate, record. Seed-major
-    order, so a grid cut short still has every setting at the first seeds."""
+    """Every (setting, seed) without a result.json: train, evaluate, record."""
     runs = Path(cfg.out) / "runs"
+    # The methods at every seed first, then the ablations: a grid cut short still has the
+    # main comparison complete.
+    order = [s for s in cfg.settings if s in MAIN] + [s for s in cfg.settings if s not in MAIN]
     todo = [
         (setting, seed)
+        for group in (
+            order[: sum(s in MAIN for s in order)],
+            order[sum(s in MAIN for s in order) :],
+        )
         for seed in cfg.seeds
-        for setting in cfg.settings
+        for setting in group
         if not (runs / f"{setting}-s{seed}" / "result.json").is_file()
     ]
+    runs.mkdir(parents=True, exist_ok=True)
     init = runs / "init.json"
     if not todo and init.is_file():
         return
@@ -322,7 +332,11 @@ def run_grid(cfg: StudyConfig, teacher: Path, shards: Path, heldout_jsonl: Path)
     for n, (setting, seed) in enumerate(todo, 1):
         print(f"== run {n}/{len(todo)}: {setting} seed {seed}", flush=True)
         t0 = time.monotonic()
-        run = train_run(cfg, setting, seed, teacher, shards)
+        try:
+            run = train_run(cfg, setting, seed, teacher, shards)
+        except SystemExit as exc:  # one failed run does not end the grid; a rerun retries it
+            print(f"run {setting} seed {seed} failed: {exc}", flush=True)
+            continue
         trained = time.monotonic() - t0
         log = [json.loads(x) for x in (run / "train" / "train_log.jsonl").read_text().splitlines()]
         heldout = evaluator(run / "train" / "model")
@@ -408,7 +422,7 @@ def topk_mass(shards: Path) -> dict[str, float]:
             mass_k += float(p.sum())
             mass_8 += float(p[:, :8].sum())
             n += p.shape[0]
-        k, temp = s.metadata.top_k, s.metadata.temperature
+        k, temp = s.signature.top_k, s.signature.temperature
         out[f"k{k}-T{temp:g}"] = mass_k / n
         out[f"k8-T{temp:g}"] = mass_8 / n
     return out
