@@ -198,6 +198,13 @@ def _pack_impl(v_id, w_id, v_dq, w_dq, row_first, row_entries, row_start, out):
                 at += 1
 
 
+def _copy_matches_impl(ids, entries, refs):
+    """ids[entries[i]] = ids[refs[i]] in order (rans-q32-v2's matches: entries ascending,
+    each ref an earlier entry, so a match pointing at a match reads its final id)."""
+    for i in range(len(entries)):
+        ids[entries[i]] = ids[refs[i]]
+
+
 def ready() -> bool:
     """Whether the compiled kernels can be used (numba present, imports and compiles)."""
     global AVAILABLE
@@ -221,7 +228,12 @@ def kernels() -> tuple[Callable, Callable]:
 
 def encode_kernels() -> tuple[Callable, Callable]:
     """(encode_lanes, pack_rows), compiled."""
-    return _compiled()[2:]
+    return _compiled()[2:4]
+
+
+def match_kernel() -> Callable:
+    """copy_matches, compiled."""
+    return _compiled()[4]
 
 
 def _compiled() -> tuple[Callable, ...]:
@@ -235,5 +247,6 @@ def _compiled() -> tuple[Callable, ...]:
             numba.njit(cache=True, nogil=True)(_values_impl),
             numba.njit(cache=True, nogil=True)(_encode_impl),
             numba.njit(cache=True, nogil=True)(_pack_impl),
+            numba.njit(cache=True, nogil=True)(_copy_matches_impl),
         )
     return _kernels

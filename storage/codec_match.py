@@ -36,7 +36,7 @@ from functools import cache, lru_cache
 import numpy as np
 import pyarrow as pa
 
-from todi.storage import rans
+from todi.storage import _jit, rans
 from todi.storage.codec import (
     ALPHABET,
     SYMBOL_BASE,
@@ -254,14 +254,20 @@ class RansQ32Match(RansQ32):
             wrong = (t >= SOURCES * k) | (q < 0)
             if wrong.any():
                 raise bad(int(hp[np.flatnonzero(wrong)[0]]), "match without a source")
-            # Each match points at an entry of an earlier position: jump pointers until
-            # every one lands on a coded id.
-            ref = np.arange(n_pos * k)
-            ref[hp * k + hj] = q * k + t % k
-            while True:
-                nxt_ref = ref[ref]
-                if np.array_equal(nxt_ref, ref):
-                    break
-                ref = nxt_ref
-            ids = ids.reshape(-1)[ref].reshape(n_pos, k)
+            ids = ids.reshape(-1)
+            entries = hp * k + hj  # ascending
+            refs = q * k + t % k  # an entry of an earlier position
+            if self.jit and _jit.ready():
+                _jit.match_kernel()(ids, entries, refs)
+            else:  # pointer jumping among the matches until every ref is a coded id
+                hit_of = np.full(len(ids), -1, np.int64)
+                hit_of[entries] = np.arange(len(entries))
+                while True:
+                    j = hit_of[refs]
+                    chained = np.flatnonzero(j >= 0)
+                    if not chained.size:
+                        break
+                    refs[chained] = refs[j[chained]]
+                ids[entries] = ids[refs]
+            ids = ids.reshape(n_pos, k)
         return ids
