@@ -853,7 +853,7 @@ class RansQ32(TopKCodec):
 
 
 _CODECS: dict[str, TopKCodec] = {c.name: c for c in (QuantDeltaPlanes(32), RansQ32())}
-DEFAULT_CODEC = "rans-q32-v1"
+DEFAULT_CODEC = "rans-q32-v2"
 
 
 def _register_module_codecs() -> None:
