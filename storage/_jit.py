@@ -1,4 +1,4 @@
-"""Optional compiled decoder for `rans-q32-v1` (numba), bit-identical to the numpy path.
+"""Optional compiled decoder for `rans-q32-v1` and `-v2` (numba), bit-identical to the numpy path.
 
 The numpy decoder advances all lanes in lock step, so every call pays ~2048 numpy steps
 whatever the batch size; this kernel decodes lane by lane and row by row instead. It is used

@@ -13,8 +13,11 @@ Codecs (whole-shard bytes per (id, log-prob) entry on real SmolLM2-135M top-64 o
 chatterbot tokens, bench/bench_storage.py; naive int32 + fp16 is 6 B):
 - `qdelta32-planes-v1` (legacy): ids as 2/3/4-byte planes in rank order, log-probs quantized
   to 1/32 nat and rank-delta coded in bytes; Parquet zstd on top. 2.265 B/entry.
-- `rans-q32-v1` (default): see `RansQ32`. 1.815 B/entry on 200 x 256 tokens
+- `rans-q32-v1`: see `RansQ32`. 1.815 B/entry on 200 x 256 tokens
   (bench/results/storage.json), ids exact, mean log-prob error 0.0078 nat (max 1/64).
+- `rans-q32-v2` (default): v1 plus a context-match id model (storage/codec_match.py; ids
+  copied from earlier positions with the same current token). 1.651 B/entry, same errors,
+  about half v1's decode speed.
 - `ans-q32-c1`: the same values coded by the `constriction` library instead of our rANS
   (storage/codec_constriction.py; registered at the end of this module). 1.807 B/entry,
   decoding 0.23-0.33x as fast (bench/bench_codec.py).
