@@ -53,6 +53,7 @@ from todi.storage.codec import (
 
 MATCH = 1 << 40  # decoded id values >= MATCH are match values t + MATCH
 SOURCES = 2  # earlier positions whose lists are candidates
+_MATCH_SLICE = 1 << 16  # positions per slice when the encoder looks for matches
 
 
 @cache
@@ -172,7 +173,17 @@ class RansQ32Match(RansQ32):
         is_next = ids == nxt[:, None]
         n = np.where(is_next, 0, rid + (rid < rn))
         src = match_sources(block, rows)
-        t = self._match_index(ids, src)
+        # matches in slices of whole rows (sources never leave their row): bounded memory
+        t = np.empty(ids.shape, np.int64)
+        ends = np.cumsum(block.positions[list(rows)])
+        a = 0
+        while a < len(ids):
+            last = int(np.searchsorted(ends, a + _MATCH_SLICE, side="right")) - 1
+            b = int(ends[last]) if last >= 0 else 0
+            b = max(b, int(ends[np.searchsorted(ends, a, side="right")]))  # >= one row
+            part = src[a:b]
+            t[a:b] = self._match_index(ids[a:b], np.where(part >= 0, part - a, -1))
+            a = b
         hit = (t >= 0) & ~is_next
         s_id, w_id, v_id = to_symbols(np.where(hit, t, n).reshape(-1))
         s_id = (s_id + np.where(hit.reshape(-1), ALPHABET, 0)).astype(np.int16)
