@@ -1,6 +1,7 @@
 """Hand-written rANS (`rans-q32-v1`: storage/rans.py + storage/_jit.py, numba) against the
 same model coded by a maintained library (`ans-q32-c1`: constriction's compiled ANS), on REAL
-teacher output (SmolLM2-135M-Instruct top-64 over chatterbot text, bench_storage's cache).
+teacher output (SmolLM2-135M-Instruct top-64 over chatterbot text, bench_storage's cache),
+and the context-match id model built on our rANS (`rans-q32-v2`: storage/codec_match.py).
 
 Reports per codec: bytes per (id, log-prob) entry of a whole shard, ids exact, mean / max
 log-prob error, encode and decode positions per CPU-second (whole shard; and 8-row batches,
@@ -30,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from bench_storage import measure, teacher_topk  # noqa: E402
 from machine import machine  # noqa: E402
 
-CODECS = ("rans-q32-v1", "ans-q32-c1")
+CODECS = ("rans-q32-v1", "ans-q32-c1", "rans-q32-v2")
 GOAL_BYTES = 1.7
 GOAL_ERR = 0.01
 # The trainer's consumption when no bench/results/train.json exists: bench_train's offline
@@ -71,6 +72,13 @@ def our_code() -> dict:
         },
         "ans-q32-c1": {
             "storage/codec_constriction.py": code_lines(st / "codec_constriction.py"),
+        },
+        # v2 runs on v1's coder and kernels, plus its id model
+        "rans-q32-v2": {
+            "storage/rans.py": code_lines(st / "rans.py"),
+            "storage/_jit.py": code_lines(st / "_jit.py"),
+            "storage/codec.py RansQ32": code_lines(st / "codec.py", "class RansQ32", "_CODECS"),
+            "storage/codec_match.py": code_lines(st / "codec_match.py"),
         },
         "shared": {
             "storage/codec.py symbols + ShardTable": code_lines(
@@ -114,6 +122,18 @@ def main() -> None:
             results[codec]["our_lines"] = sum(p["lines"] for p in parts.values())
     consume, consume_src = trainer_rate()
     old, new = results["rans-q32-v1"], results["ans-q32-c1"]
+    v2 = results["rans-q32-v2"]
+    v2_ratios = {
+        "bytes": round(v2["bytes"] / old["bytes"], 4),
+        "encode_cpu_speed": round(v2["encode_pos_per_s"] / old["encode_pos_per_s"], 3),
+        "decode_cpu_speed": round(v2["decode_pos_per_s"] / old["decode_pos_per_s"], 3),
+        "batch8_decode_cpu_speed": round(
+            v2["batch8_decode_pos_per_s"] / old["batch8_decode_pos_per_s"], 3
+        ),
+        "numpy_decode_cpu_speed": round(
+            v2["decode_pos_per_s_numpy"] / old["decode_pos_per_s_numpy"], 3
+        ),
+    }
     ratios = {
         "bytes": round(new["bytes"] / old["bytes"], 4),
         "encode_cpu_speed": round(new["encode_pos_per_s"] / old["encode_pos_per_s"], 3),
@@ -149,6 +169,7 @@ def main() -> None:
         "codecs": results,
         "code": lines,
         "ratios_new_over_old": ratios,
+        "ratios_v2_over_v1": v2_ratios,
         "goals_met": goals,
         "winner": min(CODECS, key=lambda c: results[c]["bytes_per_entry"]),
     }
@@ -166,7 +187,8 @@ def main() -> None:
             f"{r['batch8_decode_pos_per_s']:>10,}{r['our_code_lines']:>12}"
             f"{'all' if all(goals[c].values()) else 'no':>7}"
         )
-    print("new / old: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    print("c1 / v1: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    print("v2 / v1: " + ", ".join(f"{k} {v}" for k, v in v2_ratios.items()))
 
 
 if __name__ == "__main__":

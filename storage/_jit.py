@@ -1,4 +1,4 @@
-"""Optional compiled decoder for `rans-q32-v1` (numba), bit-identical to the numpy path.
+"""Optional compiled decoder for `rans-q32-v1` and `-v2` (numba), bit-identical to the numpy path.
 
 The numpy decoder advances all lanes in lock step, so every call pays ~2048 numpy steps
 whatever the batch size; this kernel decodes lane by lane and row by row instead. It is used
@@ -22,10 +22,13 @@ _kernels: tuple[Callable, ...] | None = None
 
 def _decode_impl(
     states, words, word_start, word_count, lane_entry, lane_pos,  # lanes
-    lut_sym, lut_fb, ctx1, ctx2, k,  # model
+    lut_sym, lut_fb, ctx1, ctx2, per_entry, k,  # model
     s_dq, s_id,  # out: natural order
 ):  # fmt: skip
     """rANS-decode every lane; returns the first inconsistent lane or -1.
+
+    The id symbol of rank j codes in context ctx2[j], or with `per_entry` in ctx2[e] (e: the
+    entry's natural index; rans-q32-v2's per-position contexts).
 
     Lanes are decoded 8 at a time, interleaved: each lane's steps are a chain of dependent
     table lookups, and interleaving independent chains lets the CPU overlap them.
@@ -49,13 +52,15 @@ def _decode_impl(
         for p in range(longest):
             for j in range(k):
                 b1 = ctx1[j] * 16384
-                b2 = ctx2[j] * 16384
+                b2 = ctx2[j] * 16384 if not per_entry else 0
                 for ln in range(m):
                     if p >= lane_pos[g0 + ln]:
                         continue
                     xs = x[ln]
                     i = b1 + np.int64(xs & mask)
                     e = lane_entry[g0 + ln] + p * k + j
+                    if per_entry:
+                        b2 = ctx2[e] * 16384
                     s_dq[e] = lut_sym[i]
                     fb = lut_fb[i]
                     xs = (fb >> sh32) * (xs >> sh14) + (fb & lo32)
@@ -124,10 +129,11 @@ def _values_impl(
 
 
 def _encode_impl(
-    s_dq, s_id, freqs, cum, alphabet, ctx1, ctx2, k, lane_entry, lane_pos,  # in
+    s_dq, s_id, freqs, cum, alphabet, ctx1, ctx2, per_entry, k, lane_entry, lane_pos,  # in
     states, words, counts,  # out; words: each lane's region starts at lane_entry
 ):  # fmt: skip
-    """rANS-encode every lane (last pair first), exactly like rans.rans_encode_pairs."""
+    """rANS-encode every lane (last pair first), exactly like rans.rans_encode_pairs;
+    contexts as in `_decode_impl`."""
     low = np.uint64(1 << 32)
     lo32 = np.uint64(0xFFFFFFFF)
     sh32 = np.uint64(32)
@@ -141,7 +147,7 @@ def _encode_impl(
             for j in range(k - 1, -1, -1):
                 e = base + p * k + j
                 i1 = ctx1[j] * alphabet + s_dq[e]
-                i2 = ctx2[j] * alphabet + s_id[e]
+                i2 = (ctx2[e] if per_entry else ctx2[j]) * alphabet + s_id[e]
                 f1 = np.uint64(freqs[i1])
                 f2 = np.uint64(freqs[i2])
                 if (x >> sh36) >= f1 * f2:
@@ -192,6 +198,13 @@ def _pack_impl(v_id, w_id, v_dq, w_dq, row_first, row_entries, row_start, out):
                 at += 1
 
 
+def _copy_matches_impl(ids, entries, refs):
+    """ids[entries[i]] = ids[refs[i]] in order (rans-q32-v2's matches: entries ascending,
+    each ref an earlier entry, so a match pointing at a match reads its final id)."""
+    for i in range(len(entries)):
+        ids[entries[i]] = ids[refs[i]]
+
+
 def ready() -> bool:
     """Whether the compiled kernels can be used (numba present, imports and compiles)."""
     global AVAILABLE
@@ -215,7 +228,12 @@ def kernels() -> tuple[Callable, Callable]:
 
 def encode_kernels() -> tuple[Callable, Callable]:
     """(encode_lanes, pack_rows), compiled."""
-    return _compiled()[2:]
+    return _compiled()[2:4]
+
+
+def match_kernel() -> Callable:
+    """copy_matches, compiled."""
+    return _compiled()[4]
 
 
 def _compiled() -> tuple[Callable, ...]:
@@ -229,5 +247,6 @@ def _compiled() -> tuple[Callable, ...]:
             numba.njit(cache=True, nogil=True)(_values_impl),
             numba.njit(cache=True, nogil=True)(_encode_impl),
             numba.njit(cache=True, nogil=True)(_pack_impl),
+            numba.njit(cache=True, nogil=True)(_copy_matches_impl),
         )
     return _kernels

@@ -13,8 +13,11 @@ Codecs (whole-shard bytes per (id, log-prob) entry on real SmolLM2-135M top-64 o
 chatterbot tokens, bench/bench_storage.py; naive int32 + fp16 is 6 B):
 - `qdelta32-planes-v1` (legacy): ids as 2/3/4-byte planes in rank order, log-probs quantized
   to 1/32 nat and rank-delta coded in bytes; Parquet zstd on top. 2.265 B/entry.
-- `rans-q32-v1` (default): see `RansQ32`. 1.815 B/entry on 200 x 256 tokens
+- `rans-q32-v1`: see `RansQ32`. 1.815 B/entry on 200 x 256 tokens
   (bench/results/storage.json), ids exact, mean log-prob error 0.0078 nat (max 1/64).
+- `rans-q32-v2` (default): v1 plus a context-match id model (storage/codec_match.py; ids
+  copied from earlier positions with the same current token). 1.651 B/entry, same errors,
+  about half v1's decode speed.
 - `ans-q32-c1`: the same values coded by the `constriction` library instead of our rANS
   (storage/codec_constriction.py; registered at the end of this module). 1.807 B/entry,
   decoding 0.23-0.33x as fast (bench/bench_codec.py).
@@ -318,6 +321,15 @@ class ShardTable:
     order. Frequent ids get small numbers, hence cheap symbols.
     """
 
+    magic = _TABLE_MAGIC
+    #: id contexts per rank group (log-prob deltas have one per group)
+    id_contexts = 1
+
+    @classmethod
+    def alphabet_for(cls, top_k: int) -> int:
+        """Symbols per frequency table row."""
+        return ALPHABET
+
     def __init__(self, vocab_size: int, top_k: int, classes: list[np.ndarray], freqs: np.ndarray):
         self.vocab_size, self.top_k = vocab_size, top_k
         self.classes = classes
@@ -334,7 +346,9 @@ class ShardTable:
         self.groups = _rank_groups(top_k)
         self.num_groups = int(self.groups.max()) + 1
         self.tables = rans.RansTables(freqs)
-        if self.tables.num_ctx != 2 * self.num_groups or self.tables.alphabet != ALPHABET:
+        if self.tables.num_ctx != (
+            1 + self.id_contexts
+        ) * self.num_groups or self.tables.alphabet != self.alphabet_for(top_k):
             raise ValueError("frequency table shape does not match k")
 
     @classmethod
@@ -343,17 +357,18 @@ class ShardTable:
         seen = np.flatnonzero(counts >= _MIN_COUNT)
         cls_of = np.floor(2 * np.log2(counts[seen])).astype(np.int64)
         classes = [seen[cls_of == c] for c in np.unique(cls_of)[::-1]]
-        dummy = np.zeros((2 * (int(_rank_groups(top_k).max()) + 1), ALPHABET), np.int64)
+        n_ctx = (1 + cls.id_contexts) * (int(_rank_groups(top_k).max()) + 1)
+        dummy = np.zeros((n_ctx, cls.alphabet_for(top_k)), np.int64)
         dummy[:, 0] = rans.M
         return cls(vocab_size, top_k, classes, dummy)
 
     def to_bytes(self) -> bytes:
-        return pack_table(_TABLE_MAGIC, self.vocab_size, self.top_k, self.classes,
+        return pack_table(self.magic, self.vocab_size, self.top_k, self.classes,
                           self.tables.freqs)  # fmt: skip
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> ShardTable:
-        return cls(*unpack_table(blob, _TABLE_MAGIC))
+        return cls(*unpack_table(blob, cls.magic, cls.alphabet_for))
 
 
 def code_blocks(columns) -> pa.Array:
@@ -382,8 +397,11 @@ def pack_table(
     return struct.pack("<I", len(raw)) + _ZSTD.compress(raw).to_pybytes()
 
 
-def unpack_table(blob: bytes, magic: bytes) -> tuple[int, int, list[np.ndarray], np.ndarray]:
-    """(vocab_size, top_k, id classes, [contexts, ALPHABET] int64 frequencies) of `pack_table`."""
+def unpack_table(
+    blob: bytes, magic: bytes, alphabet_for=lambda top_k: ALPHABET
+) -> tuple[int, int, list[np.ndarray], np.ndarray]:
+    """(vocab_size, top_k, id classes, [contexts, alphabet] int64 frequencies) of `pack_table`;
+    `alphabet_for(top_k)` is the row length of the frequency table."""
     (n_raw,) = struct.unpack_from("<I", blob)
     raw = _ZSTD.decompress(blob[4:], decompressed_size=n_raw).to_pybytes()
     found, vocab, k, n_cls, n_ids, n_ctx = struct.unpack_from("<4sIIIII", raw)
@@ -394,7 +412,8 @@ def unpack_table(blob: bytes, magic: bytes) -> tuple[int, int, list[np.ndarray],
     off += 4 * n_cls
     deltas = _unplanes(raw[off : off + 4 * n_ids], n_ids, 4)
     off += 4 * n_ids
-    freqs = np.frombuffer(raw, "<u2", n_ctx * ALPHABET, off).reshape(n_ctx, ALPHABET)
+    alphabet = alphabet_for(k)
+    freqs = np.frombuffer(raw, "<u2", n_ctx * alphabet, off).reshape(n_ctx, alphabet)
     if off + freqs.nbytes != len(raw):
         raise ValueError("table has trailing bytes")
     bounds = np.concatenate([[0], np.cumsum(sizes)])
@@ -412,6 +431,8 @@ class _Symbols:
     v_dq: np.ndarray
     w_id: np.ndarray
     v_id: np.ndarray
+    #: absolute frequency-table context of each id symbol (None: its rank group's)
+    c_id: np.ndarray | None = None
 
 
 class RansQ32(TopKCodec):
@@ -571,7 +592,8 @@ class RansQ32(TopKCodec):
         schedule, flat, _ = self._layout(pos, table)
         grp = np.tile(table.groups, (hi - lo) // table.top_k)
         f1, c1 = table.tables.encode_params(grp, syms.s_dq[lo:hi])
-        f2, c2 = table.tables.encode_params(table.num_groups + grp, syms.s_id[lo:hi])
+        c_id = table.num_groups + grp if syms.c_id is None else syms.c_id[lo:hi]
+        f2, c2 = table.tables.encode_params(c_id, syms.s_id[lo:hi])
         step_major = []
         for a in (f1, c1, f2, c2):
             out = np.empty(len(flat), dtype=np.uint64)
@@ -602,11 +624,15 @@ class RansQ32(TopKCodec):
         states = np.empty(len(lane_entry), dtype=np.uint64)
         counts = np.empty(len(lane_entry), dtype=np.int64)
         region = np.empty(hi - lo, dtype=np.uint32)  # <= one word per pair
-        encode_lanes(
+        args = (
             syms.s_dq[lo:hi], syms.s_id[lo:hi], table.tables.freqs.reshape(-1),
-            table.tables.cum.reshape(-1), ALPHABET, table.groups,
-            table.num_groups + table.groups, k, lane_entry, lane_pos, states, region, counts,
+            table.tables.cum.reshape(-1), table.tables.alphabet, table.groups,
         )  # fmt: skip
+        if syms.c_id is None:
+            ctx2, per_entry = table.num_groups + table.groups, False
+        else:
+            ctx2, per_entry = syms.c_id[lo:hi], True
+        encode_lanes(*args, ctx2, per_entry, k, lane_entry, lane_pos, states, region, counts)
         # Lane l's words sit at region[lane_entry[l] : lane_entry[l] + counts[l]].
         before = np.cumsum(counts) - counts
         words = region[np.repeat(lane_entry - before, counts) + np.arange(int(counts.sum()))]
@@ -697,14 +723,35 @@ class RansQ32(TopKCodec):
         raw_start = np.cumsum(raw_len) - raw_len
         args = (states, words, word_start, counts, lanes_per_row, positions, entries, first)
         raw_args = (raw_all, raw_start, raw_len)
+        c_id = self._id_contexts(table, block, rows)
         if self.jit and _jit.ready():
-            num, dq = self._values_jit(table, rows, *args, *raw_args)
+            num, dq = self._values_jit(table, rows, *args, *raw_args, c_id)
         else:
-            num, dq = self._values_numpy(table, rows, *args, *raw_args)
+            num, dq = self._values_numpy(table, rows, *args, *raw_args, c_id)
         lps = np.cumsum(dq.reshape(-1, k), axis=1).astype(np.float32)
         lps *= np.float32(-1.0 / self.scale)
         num = num.reshape(-1, k)
         bounds = np.cumsum(positions) - positions
+        ids = self._ids(num, table, block, rows, bounds)
+        # Copies, not views: a sample kept in a shuffle buffer must not pin the whole batch.
+        return (
+            [ids[b : b + p].copy() for b, p in zip(bounds, positions, strict=True)],
+            [lps[b : b + p].copy() for b, p in zip(bounds, positions, strict=True)],
+        )
+
+    # Hooks for codecs that refine the id model (rans-q32-v2).
+
+    def _id_contexts(self, table: ShardTable, block: RowBlock, rows) -> np.ndarray | None:
+        """Absolute context of every id symbol of `rows` (natural order), or None: the rank
+        group's."""
+        return None
+
+    def _id_luts(self, table: ShardTable) -> tuple[np.ndarray, np.ndarray]:
+        """id symbol -> (raw bit count, value base)."""
+        return SYMBOL_BITS, SYMBOL_BASE
+
+    def _ids(self, num, table: ShardTable, block: RowBlock, rows, bounds) -> np.ndarray:
+        """Decoded id values [positions, k] of `rows` -> int32 ids."""
         outside = np.flatnonzero(num.max(axis=1, initial=0) >= table.vocab_size)
         if outside.size:
             i = int(np.searchsorted(bounds, outside[0], side="right")) - 1
@@ -716,11 +763,7 @@ class RansQ32(TopKCodec):
         ids = table.perm32[num - (num <= rn)]  # num == 0 lands on perm[-1]: replaced below
         zero = num == 0
         ids[zero] = np.broadcast_to(nxt[:, None], num.shape)[zero]
-        # Copies, not views: a sample kept in a shuffle buffer must not pin the whole batch.
-        return (
-            [ids[b : b + p].copy() for b, p in zip(bounds, positions, strict=True)],
-            [lps[b : b + p].copy() for b, p in zip(bounds, positions, strict=True)],
-        )
+        return ids
 
     @staticmethod
     def _bad_lane(rows, lanes_per_row, lane: int) -> CodecError:
@@ -733,7 +776,7 @@ class RansQ32(TopKCodec):
 
     def _values_jit(
         self, table, rows, states, words, word_start, counts, lanes_per_row, positions,
-        entries, first, raw_all, raw_start, raw_len,
+        entries, first, raw_all, raw_start, raw_len, c_id,
     ):  # fmt: skip
         k, chunk = table.top_k, table.chunk
         lane_row = np.repeat(np.arange(len(positions)), lanes_per_row)
@@ -747,16 +790,18 @@ class RansQ32(TopKCodec):
         s_dq = np.empty(total, dtype=np.int16)
         s_id = np.empty(total, dtype=np.int16)
         decode_lanes, symbol_values = _jit.kernels()
-        bad = decode_lanes(
-            states, words.astype(np.uint32), word_start, counts, lane_entry, lane_pos,
-            lut_sym, lut_fb, table.groups, table.num_groups + table.groups, k, s_dq, s_id,
-        )  # fmt: skip
+        lanes = (states, words.astype(np.uint32), word_start, counts, lane_entry, lane_pos)
+        if c_id is None:
+            ctx2, per_entry = table.num_groups + table.groups, False
+        else:
+            ctx2, per_entry = c_id, True
+        bad = decode_lanes(*lanes, lut_sym, lut_fb, table.groups, ctx2, per_entry, k, s_dq, s_id)
         if bad >= 0:
             raise self._bad_lane(rows, lanes_per_row, int(bad))
         num = np.empty(total, dtype=np.int64)
         dq = np.empty(total, dtype=np.int64)
         bad = symbol_values(
-            s_id, s_dq, raw_all, raw_start, raw_len, entries, first, SYMBOL_BITS, SYMBOL_BASE,
+            s_id, s_dq, raw_all, raw_start, raw_len, entries, first, *self._id_luts(table),
             num, dq,
         )  # fmt: skip
         if bad >= 0:
@@ -765,13 +810,17 @@ class RansQ32(TopKCodec):
 
     def _values_numpy(
         self, table, rows, states, words, word_start, counts, lanes_per_row, positions,
-        entries, first, raw_all, raw_start, raw_len,
+        entries, first, raw_all, raw_start, raw_len, c_id,
     ):  # fmt: skip
         n = len(positions)
         schedule, flat, _ = self._layout(positions, table)
+        steps = None
+        if c_id is not None:  # step-major contexts of the id symbols
+            steps = np.empty(len(flat), dtype=np.int64)
+            steps[flat] = c_id
         s1, s2, bad = rans.rans_decode_pairs(
             schedule, states, words, word_start, counts, table.tables,
-            table.groups, table.num_groups + table.groups,
+            table.groups, table.num_groups + table.groups, ctx2_steps=steps,
         )  # fmt: skip
         if bad.any():
             raise self._bad_lane(rows, lanes_per_row, int(np.flatnonzero(bad)[0]))
@@ -779,7 +828,8 @@ class RansQ32(TopKCodec):
         s_id = s2[flat]
         # Each row's raw section: its id raw bits, then (byte aligned) its log-prob raw bits.
         # Log-prob raw bits are rare (deltas >= 1 nat), so they are unpacked sparsely.
-        w_id = SYMBOL_BITS[s_id]
+        id_bits, id_base = self._id_luts(table)
+        w_id = id_bits[s_id]
         w_dq = SYMBOL_BITS[s_dq]
         before = np.cumsum(w_id, dtype=np.int64)
         before -= w_id  # id raw bits before each entry, over all rows
@@ -793,7 +843,7 @@ class RansQ32(TopKCodec):
             raise self._bad_raw(rows, int(short[0]))
         raw_base = 8 * raw_start  # bit offset of each row's raw section
         before += np.repeat(raw_base - before[first], entries)
-        num = SYMBOL_BASE[s_id]
+        num = id_base[s_id]
         num |= rans.unpack_bits(raw_all, before, w_id).view(np.int64)
         dq = SYMBOL_BASE[s_dq]
         if sparse.size:
@@ -806,15 +856,17 @@ class RansQ32(TopKCodec):
 
 
 _CODECS: dict[str, TopKCodec] = {c.name: c for c in (QuantDeltaPlanes(32), RansQ32())}
-DEFAULT_CODEC = "rans-q32-v1"
+DEFAULT_CODEC = "rans-q32-v2"
 
 
 def _register_module_codecs() -> None:
     """Codecs that live in their own modules (they import this one, so register them last).
     Their libraries are imported only when they encode or decode."""
     from todi.storage.codec_constriction import AnsQ32Constriction
+    from todi.storage.codec_match import RansQ32Match
 
     _CODECS[AnsQ32Constriction.name] = AnsQ32Constriction()
+    _CODECS[RansQ32Match.name] = RansQ32Match()
 
 
 _register_module_codecs()

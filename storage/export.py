@@ -32,7 +32,7 @@ What is lost, and why (axolotl's own choices, matched):
   and expects targets at that temperature: set `kd_temperature: T`. `--temperature T2`
   re-tempers the top-k the way axolotl's dataset strategy does (`p^(T / T2)`, renormalized
   over the top-k), which is not the same as a teacher run at T2 (the tail is unknown).
-- **log-prob precision** is the shard codec's (1/64 nat at most for `rans-q32-v1`).
+- **log-prob precision** is the shard codec's (1/64 nat at most for `rans-q32-v1` / `-v2`).
 
 The export's own metadata (the shard set's, the temperature, the dropped mass) is in
 `OUT/todi_export.json` and in the dataset's `info.description`.

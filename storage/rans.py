@@ -186,12 +186,14 @@ def rans_decode_pairs(
     tables: RansTables,
     ctx1: np.ndarray,
     ctx2: np.ndarray,
+    ctx2_steps: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode the pairs of every lane; returns step-major s1, s2 and a bool[lanes] of lanes
     whose stream is inconsistent (final state != L or words not consumed exactly).
 
     `states`, `word_start`, `word_count` are in lane order; `words` is uint32. Every active
-    lane codes step t in context `ctx1[t % len(ctx1)]` (first symbol) / `ctx2[...]` (second).
+    lane codes step t in context `ctx1[t % len(ctx1)]` (first symbol) / `ctx2[...]` (second),
+    or, given `ctx2_steps` (step-major like the output), the second symbol in its own context.
     """
     lut_sym, lut_fb = tables.lut()
     order = schedule.order
@@ -206,6 +208,7 @@ def rans_decode_pairs(
     base1 = [np.uint64(c * M) for c in ctx1]
     base2 = [np.uint64(c * M) for c in ctx2]
     period = len(base1)
+    steps2 = None if ctx2_steps is None else ctx2_steps.astype(np.uint64) * np.uint64(M)
     for t in range(schedule.steps):
         n, lo = active[t], offset[t]
         i = t % period
@@ -215,7 +218,7 @@ def rans_decode_pairs(
         s1[lo : lo + n] = lut_sym[j]
         fb = lut_fb[j]
         xa = (fb >> _S32) * (xa >> _SP) + (fb & _U32)
-        j = (xa & MASK) + base2[i]
+        j = (xa & MASK) + (base2[i] if steps2 is None else steps2[lo : lo + n])
         s2[lo : lo + n] = lut_sym[j]
         fb = lut_fb[j]
         xa = (fb >> _S32) * (xa >> _SP) + (fb & _U32)

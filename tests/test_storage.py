@@ -144,8 +144,9 @@ def test_round_trip_every_codec(tmp_path: Path, codec: str) -> None:
 
 
 def test_default_codec_is_the_compact_one() -> None:
-    assert DEFAULT_CODEC == "rans-q32-v1"
-    assert "qdelta32-planes-v1" in known_codecs()  # old sets stay readable
+    assert DEFAULT_CODEC == "rans-q32-v2"
+    # old sets stay readable
+    assert {"qdelta32-planes-v1", "rans-q32-v1", "ans-q32-c1"} <= set(known_codecs())
     assert make_meta().codec == DEFAULT_CODEC
 
 

@@ -21,6 +21,7 @@ from todi.storage.codec import (
     known_codecs,
     to_symbols,
 )
+from todi.storage.codec_match import MATCH, RansQ32Match
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -32,7 +33,9 @@ def blocks(draw, codec_name: str):
     k = draw(st.integers(1, 70))
     n_rows = draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**31))
-    style = draw(st.sampled_from(["teacher", "ties", "extreme", "flat", "positive-noise"]))
+    style = draw(
+        st.sampled_from(["teacher", "ties", "extreme", "flat", "positive-noise", "context"])
+    )
     rng = np.random.default_rng(seed)
     ids, lps, inputs, prompts = [], [], [], []
     for _ in range(n_rows):
@@ -59,6 +62,14 @@ def blocks(draw, codec_name: str):
         else:
             t = rng.integers(0, vocab, (positions, k))
         tokens = rng.integers(0, vocab, length)
+        if style == "context":  # few distinct tokens, top-k lists alike after the same one
+            tokens = rng.integers(0, min(vocab, 5), length)
+            bases = t[rng.integers(0, max(positions, 1), 5)] if positions else t
+            first = max(prompt - 1, 0)
+            if positions:
+                alike = bases[tokens[first : first + positions] % len(bases)]
+                keep = rng.random((positions, k)) < 0.8
+                t = np.where(keep, alike, t)
         if positions and rng.random() < 0.5:  # the next token is often in the top-k
             first = max(prompt - 1, 0)
             tokens[first + 1 :] = t[np.arange(positions), rng.integers(0, k, positions)]
@@ -113,6 +124,61 @@ def test_rans_round_trip_property(data) -> None:
 
 
 @SETTINGS
+@given(data=blocks("rans-q32-v2"))
+def test_rans_v2_round_trip_property(data) -> None:
+    vocab, k, ids, lps, block = data
+    out, cols = _round_trip("rans-q32-v2", vocab, k, ids, lps, block)
+    _check("rans-q32-v2", ids, lps, *out)
+    numpy_out, numpy_cols = _round_trip("rans-q32-v2", vocab, k, ids, lps, block, jit=False)
+    assert all(cols[name].equals(numpy_cols[name]) for name in cols)
+    for a, b in zip(out[0] + out[1], numpy_out[0] + numpy_out[1], strict=True):
+        assert np.array_equal(a, b)
+    # the same quantized log-probs as rans-q32-v1
+    other, _ = _round_trip("rans-q32-v1", vocab, k, ids, lps, block)
+    for a, b in zip(out[1], other[1], strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_match_sources() -> None:
+    """Sources: the latest same two-token context first, then the latest same tokens."""
+    from todi.storage.codec_match import match_sources
+
+    # stored positions' current tokens: 5 7 5 7 5 9 5   (row 0, no prompt)
+    #                                   3 3 3           (row 1, prompt 2: input 8 3 3 3 ...)
+    row0 = np.array([5, 7, 5, 7, 5, 9, 5, 1], np.int32)
+    row1 = np.array([8, 3, 3, 3, 4], np.int32)
+    block = RowBlock(["a", "b"], [row0, row1], np.array([0, 2]), np.array([7, 3]))
+    src = match_sources(block, [0, 1]).tolist()
+    assert src[:7] == [
+        [-1, -1], [-1, -1], [0, -1],  # p2: token 5 seen at 0; no (7, 5) before
+        [1, -1], [2, 0],  # p4: (7, 5) at 2, then the other 5 (0)
+        [-1, -1], [4, 2],  # p6: (9, 5) never; latest 5s: 4, 2
+    ]  # fmt: skip
+    assert src[7:] == [[-1, -1], [7, -1], [8, 7]]  # row 1 indices follow row 0's
+    assert match_sources(block, [1]).tolist() == [[-1, -1], [0, -1], [1, 0]]
+
+
+def test_v2_codes_repeated_contexts_smaller() -> None:
+    """Lists that repeat after the same token: v2 copies them, v1 cannot."""
+    rng = np.random.default_rng(4)
+    vocab, k, positions = 20_000, 32, 300
+    bases = np.stack([rng.permutation(vocab)[:k] for _ in range(6)]).astype(np.int32)
+    tokens = rng.integers(0, 6, positions + 1).astype(np.int32)
+    ids = bases[tokens[:-1]]
+    ids[:, -4:] = rng.integers(0, vocab, (positions, 4))
+    lps = -np.sort(rng.exponential(1.0, (positions, k)), axis=1).astype(np.float32)
+    block = RowBlock(["r"], [tokens], np.zeros(1, np.int64), np.array([positions]))
+    size = {}
+    for name in ("rans-q32-v1", "rans-q32-v2"):
+        codec = get_codec(name)
+        cols = codec.encode_rows([ids], [lps], block, vocab_size=vocab, top_k=k)
+        size[name] = len(cols["topk_code"][0].as_py())
+        out_ids, _ = codec.decode_rows(cols, block, vocab_size=vocab, top_k=k)
+        assert np.array_equal(out_ids[0], ids)
+    assert size["rans-q32-v2"] < 0.8 * size["rans-q32-v1"], size
+
+
+@SETTINGS
 @given(data=blocks("qdelta32-planes-v1"))
 def test_legacy_round_trip_property(data) -> None:
     vocab, k, ids, lps, block = data
@@ -157,25 +223,31 @@ def test_floor_for_absurd_logprobs() -> None:
     assert np.allclose(out, LOGPROB_FLOOR, rtol=1e-6)
 
 
-def _encoded(n_rows=3, positions=70, k=16, vocab=3000):
+def _encoded(n_rows=3, positions=70, k=16, vocab=3000, codec_cls=RansQ32, distinct_tokens=None):
     rng = np.random.default_rng(2)
     ids = [np.stack([rng.permutation(vocab)[:k] for _ in range(positions)]).astype(np.int32)]
     ids = ids * n_rows
     lps = [-np.sort(rng.exponential(1.0, (positions, k)), axis=1).astype(np.float32)] * n_rows
     block = RowBlock(
         [f"r{i}" for i in range(n_rows)],
-        [rng.integers(0, vocab, positions + 1).astype(np.int32)] * n_rows,
+        [rng.integers(0, distinct_tokens or vocab, positions + 1).astype(np.int32)] * n_rows,
         np.zeros(n_rows, np.int64),
         np.full(n_rows, positions, np.int64),
     )
-    codec = RansQ32()
+    if distinct_tokens:  # the same list after the same token: rans-q32-v2 matches
+        ids = [ids[0][block.input_ids[0][:positions]]] * n_rows
+    codec = codec_cls()
     return codec, codec.encode_rows(ids, lps, block, vocab_size=vocab, top_k=k), block
 
 
+@pytest.mark.parametrize("name", ["rans-q32-v1", "rans-q32-v2"])
 @pytest.mark.parametrize("jit", [True, False])
 @pytest.mark.parametrize("damage", ["truncate", "state", "word", "raw-length", "table"])
-def test_damaged_blocks_are_refused(jit: bool, damage: str) -> None:
-    codec, cols, block = _encoded()
+def test_damaged_blocks_are_refused(name: str, jit: bool, damage: str) -> None:
+    if name == "rans-q32-v1":
+        codec, cols, block = _encoded()
+    else:
+        codec, cols, block = _encoded(codec_cls=RansQ32Match, distinct_tokens=4)
     codec.jit = jit
     flips = {"state": (3, 0x40), "word": (40, 0x01)}
     _assert_damage_refused(codec, cols, block, damage, flips, vocab_size=3000, top_k=16)
@@ -199,6 +271,20 @@ def _assert_damage_refused(codec, cols, block, damage: str, flips, **shape) -> N
     with pytest.raises(CodecError) as err:
         codec.decode_rows(damaged, block, **shape)
     assert err.value.row == (0 if damage == "table" else 1)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_v2_match_without_source_is_refused(jit: bool) -> None:
+    """A match value that names a source the position does not have: a clear CodecError
+    (rANS and raw bits intact, so only the id stage can notice)."""
+    codec, cols, block = _encoded(codec_cls=RansQ32Match, distinct_tokens=4)
+    codec.jit = jit
+    table = codec.table(cols["topk_table"][0].as_py())
+    num = np.zeros((3 * 70, 16), np.int64)
+    num[0, 0] = MATCH  # a row's first position has no earlier position to copy from
+    with pytest.raises(CodecError, match="match without a source") as err:
+        codec._ids(num, table, block, np.arange(3), np.array([0, 70, 140]))
+    assert err.value.row == 0
 
 
 def test_table_round_trip_and_shape_check() -> None:
