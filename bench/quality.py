@@ -307,19 +307,15 @@ def train_run(cfg: StudyConfig, setting: str, seed: int, teacher: Path, shards: 
 def run_grid(cfg: StudyConfig, teacher: Path, shards: Path, heldout_jsonl: Path) -> None:
     """Every (setting, seed) without a result.json: train, evaluate, record."""
     runs = Path(cfg.out) / "runs"
-    # The methods at every seed first, then the ablations: a grid cut short still has the
-    # main comparison complete.
-    order = [s for s in cfg.settings if s in MAIN] + [s for s in cfg.settings if s not in MAIN]
-    todo = [
-        (setting, seed)
-        for group in (
-            order[: sum(s in MAIN for s in order)],
-            order[sum(s in MAIN for s in order) :],
-        )
-        for seed in cfg.seeds
-        for setting in group
-        if not (runs / f"{setting}-s{seed}" / "result.json").is_file()
-    ]
+    # Every setting at the first seed, then the methods at the other seeds, then the
+    # ablations: a grid cut short still has every setting and the main comparison.
+    main = [s for s in cfg.settings if s in MAIN]
+    ablations = [s for s in cfg.settings if s not in MAIN]
+    first, rest = cfg.seeds[:1], cfg.seeds[1:]
+    order = [(s, seed) for seed in first for s in main + ablations]
+    order += [(s, seed) for seed in rest for s in main]
+    order += [(s, seed) for seed in rest for s in ablations]
+    todo = [(s, seed) for s, seed in order if not (runs / f"{s}-s{seed}" / "result.json").is_file()]
     runs.mkdir(parents=True, exist_ok=True)
     init = runs / "init.json"
     if not todo and init.is_file():
