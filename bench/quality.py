@@ -443,6 +443,9 @@ def report(cfg: StudyConfig, shards: Path) -> dict[str, Any]:
             vals = {s: {seed: _value(r, m) for seed, r in by[s].items()} for s in by}
             paired[m] = {"best_other": best, **(_paired(vals["todi"], vals[best]) or {})}
     init = json.loads((runs / "init.json").read_text())
+    if "curve_start" not in init:
+        init["curve_start"] = _curve_start(cfg, shards)
+        _write_json(runs / "init.json", init)
     out = {
         "benchmark": "quality",
         "machine": machine(),
@@ -456,14 +459,26 @@ def report(cfg: StudyConfig, shards: Path) -> dict[str, Any]:
     return out
 
 
+def _curve_start(cfg: StudyConfig, shards: Path) -> dict[str, float]:
+    """The curve's step 0: the initial student on the curve's held-out subset."""
+    from todi.trainer.evaluate import evaluate_shards, load_model
+
+    model, tokenizer = load_model(f"init:teacher={_prepare_teacher()},layers={cfg.student_layers}")
+    heldout = shards / f"heldout-k{cfg.top_k}-T{cfg.temperature:g}"
+    m = evaluate_shards(
+        model, heldout, beta=cfg.beta, max_samples=cfg.curve_samples, tokenizer=tokenizer
+    )
+    return {f"eval_{k}": float(m[k]) for k in ("fkl", "rkl", "todi", "top1_agreement", "ce")}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    start = result["init"]["student"]["fkl"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 3, 2]})
+    start = result["init"]["curve_start"]["eval_fkl"]
     for ax, group, title in (
         (axes[0], MAIN, "methods (top-64 + tail, T = 2)"),
         (axes[1], ("todi", *ABLATIONS), "ToDi ablations"),
@@ -480,7 +495,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("held-out FKL to the teacher (top-64 + tail, T = 2)")
+    axes[0].set_ylabel(
+        f"FKL to the teacher, top-64 + tail, T = 2\n(first {result['config']['curve_samples']} "
+        "held-out sequences)"
+    )
+    names = list(result["summary"])
+    means = [result["summary"][s]["full_fkl"]["mean"] for s in names]
+    stds = [result["summary"][s]["full_fkl"]["std"] for s in names]
+    axes[2].barh(names, means, xerr=stds, color="#2a7ab9")
+    axes[2].invert_yaxis()
+    axes[2].set_xlim(min(means) * 0.9, max(means) * 1.05)
+    axes[2].set_title("after 100 steps: full-vocabulary FKL, T = 1\n(all held-out tokens; ± std)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
