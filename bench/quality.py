@@ -313,7 +313,9 @@ def run_grid(cfg: StudyConfig, teacher: Path, shards: Path, heldout_jsonl: Path)
     ablations = [s for s in cfg.settings if s not in MAIN]
     first, rest = cfg.seeds[:1], cfg.seeds[1:]
     order = [(s, seed) for seed in first for s in main + ablations]
-    order += [(s, seed) for seed in rest for s in main]
+    # ToDi and FKL (the method it is most often compared with) lead each later seed.
+    lead = [s for s in ("todi", "fkl") if s in main]
+    order += [(s, seed) for seed in rest for s in lead + [m for m in main if m not in lead]]
     order += [(s, seed) for seed in rest for s in ablations]
     todo = [(s, seed) for s, seed in order if not (runs / f"{s}-s{seed}" / "result.json").is_file()]
     runs.mkdir(parents=True, exist_ok=True)
