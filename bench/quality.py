@@ -516,6 +516,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def print_table(result: dict[str, Any]) -> None:
     print("| setting | " + " | ".join(label for _, label, _ in METRICS) + " |")
     print("|---" * (len(METRICS) + 1) + "|")
+    for name in ("teacher", "student"):
+        ref = {"heldout": result["init"][name]}
+        label = "teacher itself" if name == "teacher" else "initial student"
+        print(f"| {label} | " + " | ".join(f"{_value(ref, m):.3f}" for m, _, _ in METRICS) + " |")
     for setting, row in result["summary"].items():
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m, _, _ in METRICS]
         print(f"| {setting} (n={row[METRICS[0][0]]['n']}) | " + " | ".join(cells) + " |")
