@@ -536,7 +536,11 @@ class RansQ32(TopKCodec):
         table_blob = table.to_bytes()
         self._remember(table_blob, table)  # a lone block is often decoded right away
 
-        # rANS in chunks of rows (bounded temporaries), raw bits per row.
+        return self._columns(syms, table, table_blob, positions)
+
+    def _columns(self, syms, table, table_blob: bytes, positions: np.ndarray) -> dict:
+        """The codec's columns: rANS in chunks of rows (bounded temporaries), raw bits per row."""
+        n_rows, top_k = len(positions), table.top_k
         entry_start = np.concatenate([[0], np.cumsum(positions * top_k)])
         codes: list[bytes] = []
         row = 0

@@ -34,7 +34,6 @@ from __future__ import annotations
 from functools import cache, lru_cache
 
 import numpy as np
-import pyarrow as pa
 
 from todi.storage import _jit, rans
 from todi.storage.codec import (
@@ -152,19 +151,7 @@ class RansQ32Match(RansQ32):
         table_blob = table.to_bytes()
         self._remember(table_blob, table)
 
-        entry_start = np.concatenate([[0], np.cumsum(positions * top_k)])
-        codes: list[bytes] = []
-        row = 0
-        while row < n_rows:
-            end = row + 1
-            while end < n_rows and entry_start[end + 1] - entry_start[row] <= 1 << 22:
-                end += 1
-            codes.extend(self._encode_chunk(syms, table, positions, entry_start, row, end))
-            row = end
-        return {
-            "topk_code": pa.array(codes, pa.binary()),
-            "topk_table": pa.array([table_blob] * n_rows, pa.binary()),
-        }
+        return self._columns(syms, table, table_blob, positions)
 
     def _symbols_v2(self, ids, q, block: RowBlock, rows, table: MatchTable) -> _Symbols:
         nxt = self._next_tokens(block, rows)
