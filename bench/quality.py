@@ -53,6 +53,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 UNIFORM = ("fkl", "rkl", "js", "tvd", "akl")
 MAIN = ("sft", *UNIFORM, "todi")
 ABLATIONS = ("todi-k8", "todi-renorm", "todi-online-full", "todi-t1")
+# Offline targets against the live teacher (#18), all ToDi: the teacher in the loop over the
+# full vocabulary at T = 1 and 2 (todi-online-t1, todi-online-full), top-64 + tail at T = 1
+# and 2 (todi-t1, todi), draws at T = 1 and 2, a T = 1 capture re-tempered to T = 2, and the
+# hybrid (exact top-8 + draws from the rest) at T = 2.
+TARGETS = (
+    "todi-online-t1",
+    "todi-draws-t1",
+    "todi-draws-t2",
+    "todi-retemper-t2",
+    "todi-hybrid-t2",
+)
+ALL_SETTINGS = MAIN + ABLATIONS + TARGETS
+# Which settings are compared against which live teacher (same temperature).
+LIVE_OF = {
+    "todi-online-t1": ("todi-t1", "todi-draws-t1"),
+    "todi-online-full": ("todi", "todi-draws-t2", "todi-retemper-t2", "todi-hybrid-t2"),
+}
 
 
 class StudyConfig(BaseModel):
@@ -73,6 +90,10 @@ class StudyConfig(BaseModel):
     top_k: int = 64
     small_k: int = 8
     temperature: float = 2.0
+    draws: int = 50
+    hybrid_k: int = 8
+    hybrid_draws: int = 42
+    sample_seed: int = 0
     workers: int = 1
     cpus_per_worker: float = 2.0
     curve_every: int = 25
@@ -80,7 +101,7 @@ class StudyConfig(BaseModel):
     rouge_seeds: tuple[int, ...] = (0, 1, 2)
     rouge_prompts: int = 160
     seeds: tuple[int, ...] = (0, 1, 2)
-    settings: tuple[str, ...] = MAIN + ABLATIONS
+    settings: tuple[str, ...] = MAIN + ABLATIONS + TARGETS
     data_seed: int = 0
 
 
@@ -176,46 +197,103 @@ def build_data(cfg: StudyConfig, teacher: Path) -> tuple[Path, Path]:
 # 2. shards
 
 
-def shard_sets(cfg: StudyConfig) -> dict[str, tuple[str, int, float]]:
-    """name -> (split, k, T) of every shard set the chosen settings need."""
+class SetSpec(BaseModel):
+    """One shard set of the study: which split, what it keeps, which engine captures it."""
+
+    split: str
+    temperature: float
+    top_k: int
+    engine: str = "vllm"  # sampled and re-temperable sets need the full distribution: hf
+    targets: str = "topk"
+    draws: int = 0
+    retemper: tuple[float, ...] = ()
+
+    def args(self, cfg: StudyConfig) -> list[str]:
+        out = ["--top-k", str(self.top_k), "--temperature", str(self.temperature)]
+        if self.targets == "sampled":
+            out += ["--targets", "sampled", "--draws", str(self.draws)]
+            out += ["--sample-seed", str(cfg.sample_seed)]
+        if self.retemper:
+            out += ["--retemper", ",".join(f"{t:g}" for t in self.retemper)]
+        return out
+
+
+def _topk_name(split: str, k: int, t: float) -> str:
+    return f"{split}-k{k}-T{t:g}"
+
+
+def shard_sets(cfg: StudyConfig) -> dict[str, SetSpec]:
+    """name -> SetSpec of every shard set the chosen settings need."""
+    t = cfg.temperature
     sets = {
-        f"train-k{cfg.top_k}-T{cfg.temperature:g}": ("train", cfg.top_k, cfg.temperature),
-        f"heldout-k{cfg.top_k}-T{cfg.temperature:g}": ("heldout", cfg.top_k, cfg.temperature),
+        _topk_name(sp, cfg.top_k, t): SetSpec(split=sp, temperature=t, top_k=cfg.top_k)
+        for sp in ("train", "heldout")
     }
-    if "todi-k8" in cfg.settings:
-        sets[f"train-k{cfg.small_k}-T{cfg.temperature:g}"] = (
-            "train",
-            cfg.small_k,
-            cfg.temperature,
+    want = set(cfg.settings)
+    if "todi-k8" in want:
+        sets[_topk_name("train", cfg.small_k, t)] = SetSpec(
+            split="train", temperature=t, top_k=cfg.small_k
         )
-    if "todi-t1" in cfg.settings:
-        sets[f"train-k{cfg.top_k}-T1"] = ("train", cfg.top_k, 1.0)
-        sets[f"heldout-k{cfg.top_k}-T1"] = ("heldout", cfg.top_k, 1.0)
+    if want & {"todi-t1", "todi-online-t1"}:
+        for sp in ("train", "heldout"):
+            sets[_topk_name(sp, cfg.top_k, 1)] = SetSpec(split=sp, temperature=1.0, top_k=cfg.top_k)
+    for temp in (1.0, t):
+        if f"todi-draws-t{temp:g}" in want:
+            sets[f"train-d{cfg.draws}-T{temp:g}"] = SetSpec(
+                split="train", temperature=temp, top_k=0, engine="hf", targets="sampled",
+                draws=cfg.draws,
+            )  # fmt: skip
+    if f"todi-retemper-t{t:g}" in want:
+        sets[f"train-k{cfg.top_k}-T1-rt{t:g}"] = SetSpec(
+            split="train", temperature=1.0, top_k=cfg.top_k, engine="hf", retemper=(t,)
+        )
+    if f"todi-hybrid-t{t:g}" in want:
+        sets[f"train-k{cfg.hybrid_k}-d{cfg.hybrid_draws}-T{t:g}"] = SetSpec(
+            split="train", temperature=t, top_k=cfg.hybrid_k, engine="hf", targets="sampled",
+            draws=cfg.hybrid_draws,
+        )  # fmt: skip
     return sets
 
 
 def build_shards(cfg: StudyConfig, teacher: Path, data: dict[str, Path]) -> Path:
-    """Every needed shard set under out/shards, written by `todi precompute --server`."""
+    """Every needed shard set under out/shards, written by `todi precompute --server`; each
+    `<name>.done` records the capture's wall time, tokens/s and bytes per position."""
     from todi.demo import LocalService
+    from todi.storage import open_shard_set
 
     root = Path(cfg.out) / "shards"
     todo = {n: s for n, s in shard_sets(cfg).items() if not (root / f"{n}.done").exists()}
-    for temp in sorted({t for _, _, t in todo.values()}):
-        service = LocalService(teacher, "vllm", temp, root, Path(cfg.out) / "service.log")
+    for engine, temp in sorted({(s.engine, s.temperature) for s in todo.values()}):
+        service = LocalService(teacher, engine, temp, root, Path(cfg.out) / "service.log")
         try:
             service.wait_healthy()
-            for name, (split, k, t) in todo.items():
-                if t != temp:
+            for name, spec in todo.items():
+                if (spec.engine, spec.temperature) != (engine, temp):
                     continue
+                t0 = time.monotonic()
                 # fmt: off
                 _run(_todi(
-                    "precompute", "--server", service.url, "--dataset", str(data[split]),
-                    "--out", name, "--top-k", str(k), "--temperature", str(t),
+                    "precompute", "--server", service.url, "--dataset", str(data[spec.split]),
+                    "--out", name, *spec.args(cfg),
                     "--max-seq-len", str(cfg.max_seq_len), "--no-progress",
                 ))
                 # fmt: on
+                seconds = time.monotonic() - t0
                 _run(_todi("shards", "verify", str(root / name)))
-                (root / f"{name}.done").write_text("")
+                s = open_shard_set(root / name)
+                tokens = sum(len(x.input_ids) for x in s.iter_samples())
+                record = {
+                    **spec.model_dump(),
+                    "engine": engine,
+                    "capture_seconds": seconds,
+                    "tokens": tokens,
+                    "tokens_per_second": tokens / seconds,
+                    "positions": s.num_positions,
+                    "bytes": s.manifest.bytes,
+                    "bytes_per_position": s.manifest.bytes / max(s.num_positions, 1),
+                    "coverage": (s.manifest.job or {}).get("coverage"),
+                }
+                _write_json(root / f"{name}.done", record)
         finally:
             service.stop()
     return root
@@ -227,20 +305,32 @@ def build_shards(cfg: StudyConfig, teacher: Path, data: dict[str, Path]) -> Path
 
 def setting_args(cfg: StudyConfig, setting: str, teacher: Path) -> tuple[str, list[str]]:
     """(training shard set, the `todi train` flags that make `setting`)."""
-    main = f"train-k{cfg.top_k}-T{cfg.temperature:g}"
+    t = cfg.temperature
+    main = _topk_name("train", cfg.top_k, t)
+    online = ["--online-teacher", str(teacher), "--online-full-vocab"]
     if setting == "sft":
         return main, ["--loss", "fkl", "--kd-weight", "0"]
     if setting in UNIFORM or setting == "todi":
         return main, ["--loss", setting]
     if setting == "todi-k8":
-        return f"train-k{cfg.small_k}-T{cfg.temperature:g}", ["--loss", "todi"]
+        return _topk_name("train", cfg.small_k, t), ["--loss", "todi"]
     if setting == "todi-renorm":
         return main, ["--loss", "todi", "--topk-target", "renormalized"]
     if setting == "todi-online-full":
-        return main, ["--loss", "todi", "--online-teacher", str(teacher), "--online-full-vocab"]
+        return main, ["--loss", "todi", *online]
     if setting == "todi-t1":
-        return f"train-k{cfg.top_k}-T1", ["--loss", "todi"]
-    raise SystemExit(f"unknown setting {setting!r}; expected one of {', '.join(MAIN + ABLATIONS)}")
+        return _topk_name("train", cfg.top_k, 1), ["--loss", "todi"]
+    if setting == "todi-online-t1":
+        return _topk_name("train", cfg.top_k, 1), ["--loss", "todi", *online]
+    if setting == "todi-draws-t1":
+        return f"train-d{cfg.draws}-T1", ["--loss", "todi"]
+    if setting == f"todi-draws-t{t:g}":
+        return f"train-d{cfg.draws}-T{t:g}", ["--loss", "todi"]
+    if setting == f"todi-retemper-t{t:g}":
+        return f"train-k{cfg.top_k}-T1-rt{t:g}", ["--loss", "todi", "--temperature", f"{t:g}"]
+    if setting == f"todi-hybrid-t{t:g}":
+        return f"train-k{cfg.hybrid_k}-d{cfg.hybrid_draws}-T{t:g}", ["--loss", "todi"]
+    raise SystemExit(f"unknown setting {setting!r}; expected one of {', '.join(ALL_SETTINGS)}")
 
 
 class Evaluator:
@@ -375,17 +465,22 @@ METRICS = (
     ("full_rkl", "RKL (full vocab)", -1),
     ("full_top1_agreement", "top-1", +1),
     ("ce", "CE", -1),
+    ("ece", "ECE", -1),
     ("rouge_l", "ROUGE-L", +1),
 )
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
 
 def _value(result: dict, metric: str) -> float:
+    """A held-out metric of a run (NaN where the run predates it, e.g. ECE)."""
     held = result["heldout"]
-    return float(held["rouge_l"]["rouge_l_mean"] if metric == "rouge_l" else held[metric])
+    if metric == "rouge_l":
+        return float(held["rouge_l"]["rouge_l_mean"])
+    return float(held.get(metric, math.nan))
 
 
 def _mean_std(values: list[float]) -> dict[str, float | int]:
+    values = [v for v in values if not math.isnan(v)] or [math.nan]
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -444,6 +539,19 @@ def report(cfg: StudyConfig, shards: Path) -> dict[str, Any]:
             best = min(others, key=lambda s: -sign * summary[s][m]["mean"])
             vals = {s: {seed: _value(r, m) for seed, r in by[s].items()} for s in by}
             paired[m] = {"best_other": best, **(_paired(vals["todi"], vals[best]) or {})}
+    against_live = {}
+    for live, offline in LIVE_OF.items():
+        if live not in by:
+            continue
+        for setting in (x for x in offline if x in by):
+            row = {}
+            for m in ("full_fkl", "full_rkl", "ece"):
+                vals = {x: {seed: _value(r, m) for seed, r in by[x].items()} for x in by}
+                pair = _paired(vals[setting], vals[live])
+                if pair is not None and not math.isnan(pair["mean"]):
+                    pair["relative"] = pair["mean"] / summary[live][m]["mean"]
+                    row[m] = pair
+            against_live[setting] = {"live": live, **row}
     init = json.loads((runs / "init.json").read_text())
     if "curve_start" not in init:
         init["curve_start"] = _curve_start(cfg, shards)
@@ -456,8 +564,19 @@ def report(cfg: StudyConfig, shards: Path) -> dict[str, Any]:
         "init": init,
         "summary": summary,
         "paired_todi_minus_best": paired,
+        "offline_minus_live": against_live,
+        "shard_sets": _set_records(shards),
         "runs": results,
     }
+    return out
+
+
+def _set_records(shards: Path) -> dict[str, Any]:
+    """Capture time, tokens/s, bytes per position (and coverage) of every set made."""
+    out = {}
+    for done in sorted(shards.glob("*.done")):
+        text = done.read_text().strip()
+        out[done.stem] = json.loads(text) if text else {}
     return out
 
 
@@ -481,9 +600,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 3, 2]})
     start = result["init"]["curve_start"]["eval_fkl"]
+    present = {r["setting"] for r in result["runs"]}
+    targets_group = ("todi-online-full", "todi", *TARGETS, "todi-t1")
+    first = (
+        (MAIN, "methods (top-64 + tail, T = 2)")
+        if present & set(MAIN) - {"todi"}
+        else (("todi", *ABLATIONS), "ToDi ablations")
+    )
     for ax, group, title in (
-        (axes[0], MAIN, "methods (top-64 + tail, T = 2)"),
-        (axes[1], ("todi", *ABLATIONS), "ToDi ablations"),
+        (axes[0], *first),
+        (axes[1], targets_group, "ToDi: offline targets vs the live teacher"),
     ):
         for setting in group:
             runs = [r for r in result["runs"] if r["setting"] == setting]
@@ -525,6 +651,23 @@ def print_table(result: dict[str, Any]) -> None:
     for setting, row in result["summary"].items():
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m, _, _ in METRICS]
         print(f"| {setting} (n={row[METRICS[0][0]]['n']}) | " + " | ".join(cells) + " |")
+    for setting, row in result.get("offline_minus_live", {}).items():
+        for m in ("full_fkl", "full_rkl", "ece"):
+            if m in row:
+                p = row[m]
+                print(
+                    f"{setting} - {row['live']} on {m}: {p['mean']:+.4f} "
+                    f"[{p['low']:+.4f}, {p['high']:+.4f}] ({100 * p['relative']:+.1f} %)"
+                )
+    print("| shard set | engine | bytes/position | capture tokens/s | coverage |")
+    print("|---|---|---|---|---|")
+    for name, rec in result.get("shard_sets", {}).items():
+        if rec:
+            cov = (rec.get("coverage") or {}).get("mean", 1.0)
+            print(
+                f"| {name} | {rec.get('engine', 'vllm')} | {rec['bytes_per_position']:.1f} | "
+                f"{rec['tokens_per_second']:.0f} | {cov:.4f} |"
+            )
     for m, p in result["paired_todi_minus_best"].items():
         if "mean" in p:
             print(
@@ -548,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(todi_home() / "quality"))
     ap.add_argument("--prompts", help="JSONL with a 'prompt' per row (default: chatterbot)")
-    ap.add_argument("--settings", help=f"comma-separated, of {','.join(MAIN + ABLATIONS)}")
+    ap.add_argument("--settings", help=f"comma-separated, of {','.join(ALL_SETTINGS)}")
     ap.add_argument("--seeds", help="comma-separated training seeds [0,1,2]")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch-size", type=int)
@@ -567,10 +710,8 @@ def main(argv: list[str] | None = None) -> None:
         given.pop(key, None)
     cfg = StudyConfig(**given)
     for s in cfg.settings:
-        if s not in MAIN + ABLATIONS:
-            raise SystemExit(
-                f"unknown setting {s!r}; expected one of {', '.join(MAIN + ABLATIONS)}"
-            )
+        if s not in ALL_SETTINGS:
+            raise SystemExit(f"unknown setting {s!r}; expected one of {', '.join(ALL_SETTINGS)}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     teacher = _prepare_teacher()

@@ -67,6 +67,7 @@ from todi.services.api_protocol import (
 from todi.services.backends import BackendError, TeacherBackend, create_backend
 from todi.services.batcher import BatchedBackend, DynamicBatcher, ShuttingDown
 from todi.services.config import JobSpec
+from todi.services.precompute import check_spec
 from todi.services.settings import ServiceSettings
 
 __all__ = [
@@ -417,7 +418,7 @@ def _jobs_router(state: ServiceState) -> APIRouter:
         if "temperature" not in spec.model_fields_set:
             spec = spec.model_copy(update={"temperature": state.backend.info.default_temperature})
         try:
-            state.backend.validate([[0, 0]], spec.top_k, spec.temperature)
+            check_spec(state.backend, spec)
             job_id = await run_in_threadpool(state.jobs.submit, spec)
         except TodiError as exc:
             raise job_error(exc) from None

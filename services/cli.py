@@ -154,12 +154,32 @@ def serve(
 
 # ----------------------------------------------------------------------------------------
 # precompute
+
+
+def _temperatures(text: str | None, option: str) -> list[float]:
+    """'2,4' -> [2.0, 4.0]; a one-line error naming the option otherwise."""
+    if not text:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise fail(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
 def precompute(
     dataset: str = typer.Option(..., "--dataset", help="JSONL / Parquet / HF datasets folder."),
     out: str = typer.Option(
         ..., "--out", help="Shard-set folder (with --server: relative to its storage root)."
     ),
-    top_k: int = typer.Option(..., "--top-k"),
+    top_k: int = typer.Option(..., "--top-k", help="Exact top-k per position (0: draws only)."),
+    targets: str = typer.Option(
+        "topk", "--targets", help="topk (top-k + tail) | sampled (--draws teacher draws)."
+    ),
+    draws: int = typer.Option(0, "--draws", help="sampled: draws per position (<= 255)."),
+    sample_seed: int = typer.Option(0, "--sample-seed", help="sampled: seed of the draws."),
+    retemper: str | None = typer.Option(
+        None, "--retemper", help="Training temperatures to re-temper to exactly, e.g. 2,4."
+    ),
     temperature: float | None = typer.Option(
         None, "--temperature", help="T > 0 (default: --server: the service's own; --local: 1)."
     ),
@@ -183,6 +203,10 @@ def precompute(
         "dataset": dataset,
         "out": out,
         "top_k": top_k,
+        "targets": targets,
+        "draws": draws,
+        "sample_seed": sample_seed,
+        "retemper": _temperatures(retemper, "--retemper"),
         "temperature": temperature,
         "max_seq_len": max_seq_len,
         "ray": ray,

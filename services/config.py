@@ -12,9 +12,11 @@ import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from todi.services.backends.base import MAX_TEMPERATURE, MIN_TEMPERATURE
+from todi.services.targets import TargetKind, TargetRequest
+from todi.storage.draws import MAX_DRAWS
 
 # Paths in a job: at most this many characters, each component at most NAME_MAX bytes
 # (a longer one made the OS raise ENAMETOOLONG deep inside a request).
@@ -24,7 +26,17 @@ MAX_NAME_BYTES = 255
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Fields that determine which samples the set holds and their values.
-IDENTITY_FIELDS = ("dataset", "top_k", "temperature", "max_seq_len", "chat_template")
+IDENTITY_FIELDS = (
+    "dataset",
+    "top_k",
+    "temperature",
+    "max_seq_len",
+    "chat_template",
+    "targets",
+    "draws",
+    "sample_seed",
+    "retemper",
+)
 
 
 class JobSpec(BaseModel):
@@ -44,7 +56,27 @@ class JobSpec(BaseModel):
         examples=["sets/train"],
         description="output shard-set folder; under the service, relative to its storage root",
     )
-    top_k: int = Field(gt=0, le=4096, description="teacher log-probs kept per position")
+    top_k: int = Field(
+        ge=0,
+        le=4096,
+        description="exact teacher log-probs kept per position (the top-k); 0 with "
+        "targets 'sampled' keeps draws only",
+    )
+    targets: TargetKind = Field(
+        "topk",
+        description="'topk': the top-k + the tail bucket; 'sampled': `draws` draws with "
+        "replacement from the teacher at each position (from the mass outside the top-k when "
+        "top_k > 0), stored as unique ids, counts and log-probs",
+    )
+    draws: int = Field(0, ge=0, le=MAX_DRAWS, description="draws per position ('sampled')")
+    sample_seed: int = Field(0, ge=0, description="seed of the draws ('sampled')")
+    retemper: list[float] = Field(
+        default_factory=list,
+        max_length=16,
+        description="training temperatures this set can be re-tempered to exactly (stores "
+        "the log-partition outside the kept ids per position and temperature; needs an "
+        "engine with the full distribution)",
+    )
     temperature: float = Field(
         1.0,
         strict=True,  # a number, never the string "0.5"
@@ -93,6 +125,34 @@ class JobSpec(BaseModel):
         if not math.isfinite(v):
             raise ValueError("must be a finite number > 0")
         return v
+
+    @field_validator("retemper")
+    @classmethod
+    def _temperatures(cls, v: list[float]) -> list[float]:
+        for t in v:
+            if not (math.isfinite(t) and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+                raise ValueError(f"{t} is outside [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+        if len(set(v)) != len(v):
+            raise ValueError("temperatures must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _targets_consistent(self) -> JobSpec:
+        self.target_request()  # raises ValueError naming the problem
+        return self
+
+    def target_request(self) -> TargetRequest:
+        """What the job keeps per position."""
+        try:
+            return TargetRequest(
+                targets=self.targets,
+                top_k=self.top_k,
+                draws=self.draws,
+                sample_seed=self.sample_seed,
+                retemper=tuple(self.retemper),
+            )
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
     @field_validator("job_id")
     @classmethod

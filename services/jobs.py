@@ -32,6 +32,7 @@ from todi.services.precompute import (
     JobPathError,
     JobProgress,
     JobState,
+    check_spec,
     run_precompute,
 )
 from todi.storage import ShardFormatError
@@ -250,7 +251,7 @@ class JobManager:
         spec = spec.model_copy(update={"out": str(out), "dataset": str(dataset)})
         backend = self._backend
         if backend is not None:
-            backend.validate([[0, 0]], spec.top_k, spec.temperature)
+            check_spec(backend, spec)
         with self._lock:
             if self._stopping:
                 raise JobError("the job manager is shutting down")

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from todi.common.errors import TodiError
 from todi.services.config import JobSpec
 from todi.services.datasets import EncodedRow, EncodeStats, encode_rows, read_rows
+from todi.services.targets import TargetRequest
 from todi.storage import (
     DEFAULT_CODEC,
     NoManifestError,
@@ -119,13 +120,22 @@ class JobProgress(BaseModel):
 
 def shard_metadata(info: Any, spec: JobSpec) -> ShardSetMetadata:
     """The shard-set metadata for a job run by a backend with `info` (a TeacherInfo)."""
-    return teacher_shard_metadata(info, top_k=spec.top_k, temperature=spec.temperature)
+    return teacher_shard_metadata(
+        info, top_k=spec.top_k, temperature=spec.temperature, request=spec.target_request()
+    )
 
 
 def teacher_shard_metadata(
-    info: Any, *, top_k: int, temperature: float, codec: str = DEFAULT_CODEC
+    info: Any,
+    *,
+    top_k: int,
+    temperature: float,
+    codec: str = DEFAULT_CODEC,
+    request: TargetRequest | None = None,
 ) -> ShardSetMetadata:
-    """The metadata of a set of top-k from a backend with `info` (a TeacherInfo)."""
+    """The metadata of a set written from a backend with `info` (a TeacherInfo): top-k, or
+    what `request` keeps."""
+    sampled = request is not None and request.targets == "sampled"
     return ShardSetMetadata(
         teacher_model=info.model,
         teacher_fingerprint=info.weights_sha256,
@@ -136,7 +146,20 @@ def teacher_shard_metadata(
         logprobs_mode=info.logprobs_mode,
         backend=info.backend,
         codec=codec,
+        targets=request.targets if request is not None else "topk",
+        draws=request.draws if request is not None else 0,
+        sample_seed=request.sample_seed if sampled else None,
+        candidates=None if not sampled or info.full_distribution else int(info.max_top_k),
+        retemper_temperatures=request.retemper if request is not None else (),
     )
+
+
+def check_spec(backend: Any, spec: JobSpec) -> None:
+    """Raise BackendError unless `backend` can run `spec` (its k, T and targets)."""
+    backend.validate([[0, 0]], max(spec.top_k, 1), spec.temperature)
+    request = spec.target_request()
+    if request.needs_full_distribution:
+        backend.check_targets(request)
 
 
 def normalized_spec(spec: JobSpec) -> JobSpec:
@@ -229,6 +252,75 @@ def to_samples(rows: list[EncodedRow], results: list[Any], top_k: int) -> list[S
                 prompt_len=row.prompt_len,
                 topk_ids=np.ascontiguousarray(res.ids[fp:], dtype=np.int32),
                 topk_logprobs=np.ascontiguousarray(res.logprobs[fp:], dtype=np.float32),
+            )
+        )
+    return samples
+
+
+class Coverage:
+    """Teacher mass of the candidate sets the draws came from (1.0 with the full vocabulary):
+    what the manifest's job record reports as `coverage`."""
+
+    def __init__(self) -> None:
+        self.positions = 0
+        self.total = 0.0
+        self.least = 1.0
+        self.below = 0  # positions under 99.9 %
+
+    def add(self, covered: np.ndarray) -> None:
+        if covered.size:
+            self.positions += int(covered.size)
+            self.total += float(covered.sum())
+            self.least = min(self.least, float(covered.min()))
+            self.below += int((covered < 0.999).sum())
+
+    def merge(self, other: dict[str, Any]) -> None:
+        n = int(other.get("positions", 0))
+        if n:
+            self.positions += n
+            self.total += float(other["mean"]) * n
+            self.least = min(self.least, float(other["min"]))
+            self.below += int(other["below_999"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "positions": self.positions,
+            "mean": self.total / self.positions if self.positions else 1.0,
+            "min": self.least,
+            "below_999": self.below,
+        }
+
+
+def score(
+    backend: Any, rows: list[EncodedRow], spec: JobSpec, coverage: Coverage | None = None
+) -> list[Sample]:
+    """The samples of `rows` as the job's targets ask (one backend call)."""
+    request = spec.target_request()
+    seqs = [r.input_ids for r in rows]
+    if not request.needs_full_distribution:
+        return to_samples(rows, backend.topk(seqs, spec.top_k, spec.temperature), spec.top_k)
+    results = backend.targets(
+        seqs,
+        request,
+        spec.temperature,
+        keys=[r.sample_id for r in rows],
+        starts=[first_position(r.prompt_len) for r in rows],
+    )
+    if len(results) != len(rows):
+        raise JobError(f"backend returned {len(results)} results for {len(rows)} sequences")
+    samples = []
+    for row, t in zip(rows, results, strict=True):
+        if coverage is not None:
+            coverage.add(t.covered)
+        samples.append(
+            Sample(
+                sample_id=row.sample_id,
+                input_ids=row.input_ids,
+                prompt_len=row.prompt_len,
+                topk_ids=t.topk_ids,
+                topk_logprobs=t.topk_logprobs,
+                draws=t.draws,
+                tail_logz=t.tail_logz,
             )
         )
     return samples
@@ -370,7 +462,7 @@ def run_precompute(
     progress after the first pass and after every backend call.
     """
     spec = normalized_spec(spec)
-    backend.validate([[0, 0]], spec.top_k, spec.temperature)  # refuse k / T before any work
+    check_spec(backend, spec)  # refuse k / T / targets before any work
     metadata, max_len, progress, report = prepare(spec, backend.info, on_progress)
     with output_lock(spec.out):
         return _precompute(spec, backend, metadata, max_len, progress, report, cancel,
@@ -402,6 +494,7 @@ def _precompute(
     )
     stats = EncodeStats()
     clock = Clock(progress)
+    coverage = Coverage()
     complete = False
     try:
         todo = (
@@ -412,8 +505,8 @@ def _precompute(
         for rows in batched(todo, spec.batch_tokens):
             if cancel is not None and cancel.is_set():
                 break
-            results = backend.topk([r.input_ids for r in rows], spec.top_k, spec.temperature)
-            writer.write_many(to_samples(rows, results, spec.top_k))
+            writer.write_many(score(backend, rows, spec, coverage))
+            job_record["coverage"] = coverage.to_dict()
             clock.add(len(rows), sum(r.num_tokens for r in rows))
             progress.shards = len(writer.manifest.shards)
             report()

@@ -23,6 +23,7 @@ only read manifest-listed files) and is removed when the job completes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import threading
@@ -38,6 +39,7 @@ from todi.services.config import JobSpec
 from todi.services.datasets import EncodeStats
 from todi.services.precompute import (
     Clock,
+    Coverage,
     JobError,
     JobProgress,
     batched,
@@ -49,8 +51,8 @@ from todi.services.precompute import (
     normalized_spec,
     output_lock,
     prepare,
+    score,
     shard_metadata,
-    to_samples,
 )
 from todi.storage import ShardInfo, ShardSetMetadata, commit_shards, expected_positions, write_shard
 from todi.storage.fs import is_uri
@@ -85,16 +87,19 @@ class TeacherActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """batch["path"]: staging files; each becomes one shard."""
-        shards, sequences, tokens = [], [], []
+        shards, sequences, tokens, coverage = [], [], [], []
         for path in batch["path"]:
+            self.coverage = Coverage()
             info, n, t = self._one(str(path))
             shards.append(info.model_dump_json())
             sequences.append(n)
             tokens.append(t)
+            coverage.append(json.dumps(self.coverage.to_dict()))
         return {
             "shard": np.array(shards),
             "sequences": np.array(sequences, dtype=np.int64),
             "tokens": np.array(tokens, dtype=np.int64),
+            "coverage": np.array(coverage),
         }
 
     def _one(self, path: str) -> tuple[ShardInfo, int, int]:
@@ -114,10 +119,7 @@ class TeacherActor:
         ]
         samples = []
         for chunk in batched(rows, self.spec.batch_tokens):
-            results = self.backend.topk(
-                [r.input_ids for r in chunk], self.spec.top_k, self.spec.temperature
-            )
-            samples.extend(to_samples(chunk, results, self.spec.top_k))
+            samples.extend(score(self.backend, chunk, self.spec, self.coverage))
         info = write_shard(self.spec.out, samples, self.metadata)
         if self.commit:
             commit_shards(self.spec.out, self.metadata, [info])
@@ -371,6 +373,7 @@ def _run(
     report()
 
     complete = False
+    coverage = Coverage()
     try:
         actor_kwargs = {
             "backend": backend,
@@ -382,11 +385,12 @@ def _run(
         }
         complete = todo_seqs == 0 or _stream_shards(
             staging, spec.num_actors, actor_kwargs, remote_args, stats.sequences, progress,
-            report, cancel,
+            report, cancel, coverage,
         )  # fmt: skip
     finally:
         if complete:
             shutil.rmtree(staging, ignore_errors=True)
+        job_record["coverage"] = coverage.to_dict()
         commit_end(spec, metadata, job_record, stats, progress, complete)
     return finish(progress, report, complete)
 
@@ -400,6 +404,7 @@ def _stream_shards(
     progress: JobProgress,
     report: Callable[[], None],
     cancel: threading.Event | None,
+    coverage: Coverage,
 ) -> bool:
     """Run `num_actors` TeacherActors (built from `actor_kwargs`) over the staging files,
     counting the shards as they come back.
@@ -429,6 +434,8 @@ def _stream_shards(
         for out in iterator:
             progress.shards += len(out["shard"])  # committed by the actors
             clock.add(int(out["sequences"].sum()), int(out["tokens"].sum()))
+            for c in out["coverage"]:
+                coverage.merge(json.loads(str(c)))
             report()
             if cancel is not None and cancel.is_set():
                 cancelled = True

@@ -7,6 +7,7 @@ t + 1, exactly like the student's logits at t. Positions that carry no teacher t
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from typing import Protocol, TypeVar
 import numpy as np
 import torch
 
-from todi.storage.schema import Sample
+from todi.storage.retemper import sample_targets
+from todi.storage.schema import Sample, ShardSetMetadata
 
 IGNORE_INDEX = -100
 
@@ -36,6 +38,9 @@ class Batch:
     topk_ids: torch.Tensor  # long [B, T, k]
     topk_logprobs: torch.Tensor  # float32 [B, T, k]
     sample_ids: list[str]
+    # Sampled targets: estimator weight of each entry [B, T, k] (0 = padding); None = top-k
+    # + tail. See `todi.storage.retemper`.
+    target_weights: torch.Tensor | None = None
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -54,14 +59,36 @@ class Batch:
             self.topk_ids.to(device),
             self.topk_logprobs.to(device),
             self.sample_ids,
+            None if self.target_weights is None else self.target_weights.to(device),
         )
 
 
-def collate(samples: list[Sample], *, pad_id: int = 0, pad_to_multiple: int = 1) -> Batch:
-    """Right-pad a list of samples into one Batch."""
+def collate(
+    samples: list[Sample],
+    *,
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    meta: ShardSetMetadata | None = None,
+    temperature: float | None = None,
+) -> Batch:
+    """Right-pad a list of samples into one Batch.
+
+    `meta` (the set's metadata) is needed for sampled sets and for a `temperature` other than
+    the capture's: the targets then come from `todi.storage.retemper.sample_targets`."""
     if not samples:
         raise ValueError("collate: no samples")
-    k = samples[0].topk_ids.shape[1]
+    native = temperature is None or (
+        meta is not None and math.isclose(temperature, meta.temperature, rel_tol=1e-9)
+    )
+    plain = meta is None or (meta.targets == "topk" and native)
+    if meta is None and any(s.draws is not None for s in samples):
+        raise ValueError("collate: samples with draws need the set's metadata (meta=)")
+    if plain:
+        targets = [(s.topk_ids, s.topk_logprobs, None) for s in samples]
+    else:
+        targets = [sample_targets(s, meta, temperature) for s in samples]  # type: ignore[arg-type]
+    k = max(t[0].shape[1] for t in targets)
+    weighted = targets[0][2] is not None
     longest = max(len(s.input_ids) for s in samples)
     width = -(-longest // pad_to_multiple) * pad_to_multiple
     b = len(samples)
@@ -70,15 +97,18 @@ def collate(samples: list[Sample], *, pad_id: int = 0, pad_to_multiple: int = 1)
     labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
     topk_ids = np.zeros((b, width, k), dtype=np.int64)
     topk_lps = np.zeros((b, width, k), dtype=np.float32)
-    for i, s in enumerate(samples):
+    weights = np.zeros((b, width, k), dtype=np.float32) if weighted else None
+    for i, (s, (ids, lps, w)) in enumerate(zip(samples, targets, strict=True)):
         n = len(s.input_ids)
         input_ids[i, :n] = s.input_ids
         attention[i, :n] = 1
         start = s.first_position
         end = start + s.num_positions  # == n - 1
         labels[i, start:end] = s.input_ids[start + 1 : end + 1]
-        topk_ids[i, start:end] = s.topk_ids
-        topk_lps[i, start:end] = s.topk_logprobs
+        topk_ids[i, start:end, : ids.shape[1]] = ids
+        topk_lps[i, start:end, : ids.shape[1]] = lps
+        if weights is not None:
+            weights[i, start:end, : ids.shape[1]] = w
     return Batch(
         torch.from_numpy(input_ids),
         torch.from_numpy(attention),
@@ -86,6 +116,7 @@ def collate(samples: list[Sample], *, pad_id: int = 0, pad_to_multiple: int = 1)
         torch.from_numpy(topk_ids),
         torch.from_numpy(topk_lps),
         [s.sample_id for s in samples],
+        None if weights is None else torch.from_numpy(weights),
     )
 
 
@@ -99,6 +130,8 @@ def iter_batches(
     bucket_buffer: int = 0,
     drop_last: bool = False,
     pad_id: int = 0,
+    meta: ShardSetMetadata | None = None,
+    temperature: float | None = None,
 ) -> Iterator[Batch]:
     """Stream padded batches with bounded memory; the plan is `plan_batches`'s."""
     groups = plan_batches(
@@ -112,7 +145,7 @@ def iter_batches(
         drop_last=drop_last,
     )
     for group in groups:
-        yield collate(group, pad_id=pad_id)
+        yield collate(group, pad_id=pad_id, meta=meta, temperature=temperature)
 
 
 def plan_batches(

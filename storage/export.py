@@ -32,6 +32,10 @@ What is lost, and why (axolotl's own choices, matched):
   and expects targets at that temperature: set `kd_temperature: T`. `--temperature T2`
   re-tempers the top-k the way axolotl's dataset strategy does (`p^(T / T2)`, renormalized
   over the top-k), which is not the same as a teacher run at T2 (the tail is unknown).
+- **sampled sets** (`targets: sampled`) export their listed ids (the exact head, if any, and
+  the unique drawn ids) with target log-probs log(w), w the estimator weights (counts / N for
+  draws only: RS-KD's sparse target), so axolotl's forward KL on them is unbiased; their
+  temperature can only be the set's or one of its `retemper_temperatures`.
 - **log-prob precision** is the shard codec's (1/64 nat at most for `rans-q32-v1` / `-v2`).
 
 The export's own metadata (the shard set's, the temperature, the dropped mass) is in
@@ -51,7 +55,8 @@ import numpy as np
 
 from todi.common.errors import TodiError
 from todi.storage.reader import open_shard_set
-from todi.storage.schema import Sample
+from todi.storage.retemper import sample_targets, temperature_index
+from todi.storage.schema import Sample, ShardFormatError, ShardSetMetadata
 
 FORMATS = ("hf-dataset",)
 PAD_LOGPROB = -1e9  # axolotl's KD collator pads target_logprobs with it (mask 0)
@@ -81,6 +86,36 @@ def axolotl_row(sample: Sample, *, temperature_ratio: float = 1.0) -> dict[str, 
     target_ids[first : first + positions] = sample.topk_ids
     mask = np.zeros((length, k), dtype=np.int8)
     mask[first : first + positions] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones(length, dtype=np.int8),
+        "labels": labels,
+        "target_token_ids": target_ids,
+        "target_logprobs": target_lp,
+        "target_mask": mask,
+    }
+
+
+def sampled_axolotl_row(sample: Sample, meta: ShardSetMetadata, temperature: float) -> dict:
+    """One row of a sampled set (draws, or the hybrid): the listed ids with log(w), w their
+    estimator weights (`todi.storage.retemper`; counts / N for draws only: RS-KD's sparse
+    target), padded per position with mask 0. axolotl's top-k forward KL on these targets has
+    the same expected gradient as the full-vocabulary forward KL."""
+    ids = np.asarray(sample.input_ids, dtype=np.int32)
+    t_ids, _, w = sample_targets(sample, meta, temperature)
+    assert w is not None
+    length, (positions, k) = len(ids), t_ids.shape
+    first = sample.first_position
+    labels = ids.copy()
+    labels[: sample.prompt_len] = IGNORE_INDEX
+    target_lp = np.full((length, k), PAD_LOGPROB, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        logw = np.where(w > 0, np.log(np.maximum(w, 1e-45)), PAD_LOGPROB)
+    target_lp[first : first + positions] = logw.astype(np.float32)
+    target_ids = np.broadcast_to(np.arange(k, dtype=np.int32), (length, k)).copy()
+    target_ids[first : first + positions] = t_ids
+    mask = np.zeros((length, k), dtype=np.int8)
+    mask[first : first + positions] = w > 0
     return {
         "input_ids": ids,
         "attention_mask": np.ones(length, dtype=np.int8),
@@ -133,16 +168,25 @@ def export_hf_dataset(
     if not t_out > 0:
         raise ExportError(f"--temperature must be > 0, got {temperature}")
     ratio = t_set / t_out
+    sampled = meta.targets == "sampled"
+    if sampled:
+        try:
+            temperature_index(meta, t_out)  # only temperatures the set re-tempers to exactly
+        except ShardFormatError as exc:
+            raise ExportError(f"--temperature {exc}") from None
     stats = {"rows": 0, "positions": 0, "tail_sum": 0.0, "tail_max": 0.0}
 
     def rows() -> Iterator[dict[str, Any]]:
         for sample in shard_set:
             if max_rows is not None and stats["rows"] >= max_rows:
                 return
-            mass = np.exp(sample.topk_logprobs.astype(np.float64)).sum(axis=1)
-            tail = np.clip(1.0 - mass, 0.0, 1.0)
             stats["rows"] += 1
             stats["positions"] += int(sample.num_positions)
+            if sampled:
+                yield sampled_axolotl_row(sample, meta, t_out)
+                continue
+            mass = np.exp(sample.topk_logprobs.astype(np.float64)).sum(axis=1)
+            tail = np.clip(1.0 - mass, 0.0, 1.0)
             stats["tail_sum"] += float(tail.sum())
             stats["tail_max"] = max(stats["tail_max"], float(tail.max(initial=0.0)))
             yield axolotl_row(sample, temperature_ratio=ratio)
@@ -155,7 +199,8 @@ def export_hf_dataset(
         "shard_temperature": t_set,
         "temperature": t_out,
         "axolotl": {"kd_temperature": t_out, "kd_normalize_topk": True},
-        "renormalized_topk": True,
+        "renormalized_topk": not sampled,
+        "targets": meta.targets,
         "pad_logprob": PAD_LOGPROB,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

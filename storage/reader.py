@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from todi.storage import fs as sfs
 from todi.storage.codec import CodecError, RowBlock, get_codec
+from todi.storage.draws import DrawsError, decode_draws, decode_tail
 from todi.storage.manifest import Manifest, ShardInfo, read_manifest
 from todi.storage.schema import (
     FORMAT_VERSION,
@@ -73,27 +74,62 @@ def decode_table(
         codec = get_codec(metadata.codec)
     except ValueError as exc:
         raise ShardFormatError(f"{where}: {exc}") from None
-    missing = [f.name for f in shard_schema(metadata.codec) if f.name not in table.column_names]
+    missing = [f.name for f in shard_schema(metadata) if f.name not in table.column_names]
     if missing:
         raise ShardFormatError(
             f"{where}: missing column(s) {', '.join(missing)} of codec {metadata.codec}"
         )
     block = _row_block(table, where)
-    columns = {f.name: table.column(f.name) for f in codec.columns}
-    try:
-        ids, lps = codec.decode_rows(
-            columns, block, vocab_size=metadata.vocab_size, top_k=metadata.top_k
-        )
-    except CodecError as exc:
-        sid = block.sample_ids[exc.row] if exc.row is not None else "?"
-        raise ShardFormatError(f"{where}: sample {sid!r}: {exc}") from None
+    if metadata.top_k:
+        columns = {f.name: table.column(f.name) for f in codec.columns}
+        try:
+            ids, lps = codec.decode_rows(
+                columns, block, vocab_size=metadata.vocab_size, top_k=metadata.top_k
+            )
+        except CodecError as exc:
+            sid = block.sample_ids[exc.row] if exc.row is not None else "?"
+            raise ShardFormatError(f"{where}: sample {sid!r}: {exc}") from None
+    else:
+        ids = [np.zeros((int(n), 0), dtype=np.int32) for n in block.positions]
+        lps = [np.zeros((int(n), 0), dtype=np.float32) for n in block.positions]
+    draws, tails = _target_columns(table, metadata, block, where)
     out = []
     for r, sid in enumerate(block.sample_ids):
-        sample = Sample(sid, block.input_ids[r], int(block.prompt_lens[r]), ids[r], lps[r])
+        sample = Sample(
+            sid, block.input_ids[r], int(block.prompt_lens[r]), ids[r], lps[r], draws[r], tails[r]
+        )
         if validate:
             check_sample(sample, metadata, where, topk_values=not codec.validated)
         out.append(sample)
     return out
+
+
+def _target_columns(
+    table: pa.Table | pa.RecordBatch, metadata: ShardSetMetadata, block: RowBlock, where: str
+) -> tuple[list, list]:
+    """Per row: the decoded draws (or None) and tail_logz (or None)."""
+    rows = len(block.sample_ids)
+    draws: list = [None] * rows
+    tails: list = [None] * rows
+    r = 0
+    try:
+        if metadata.targets == "sampled":
+            values = _plain(table.column("draws")).to_pylist()
+            for r in range(rows):
+                draws[r] = decode_draws(
+                    values[r],
+                    int(block.positions[r]),
+                    vocab_size=metadata.vocab_size,
+                    draws=metadata.draws,
+                )
+        grid = len(metadata.retemper_temperatures)
+        if grid:
+            values = _plain(table.column("tail_logz")).to_pylist()
+            for r in range(rows):
+                tails[r] = decode_tail(values[r], int(block.positions[r]), grid)
+    except (DrawsError, TypeError) as exc:
+        raise ShardFormatError(f"{where}: sample {block.sample_ids[r]!r}: {exc}") from None
+    return draws, tails
 
 
 DECODE_POSITIONS = 16_384  # positions decoded at once: bounds the decoder's temporaries
@@ -112,9 +148,11 @@ def _slices(table: pa.Table, positions: int) -> Iterator[pa.Table]:
         yield table.slice(start)
 
 
-def _read_dictionary(codec_name: str) -> list[str]:
+def _read_dictionary(meta: ShardSetMetadata) -> list[str]:
+    if not meta.top_k:  # no codec columns (draws only)
+        return []
     try:
-        return list(get_codec(codec_name).dictionary)
+        return list(get_codec(meta.codec).dictionary)
     except ValueError:
         return []
 
@@ -206,7 +244,7 @@ class ShardSet:
         try:
             pf = pq.ParquetFile(
                 pa.BufferReader(data),
-                read_dictionary=_read_dictionary(self._meta.codec),
+                read_dictionary=_read_dictionary(self._meta),
                 page_checksum_verification=True,
             )
         except (pa.ArrowException, OSError) as exc:
@@ -224,7 +262,7 @@ class ShardSet:
                 f"{'; '.join(diffs)}"
             )
         try:
-            want = shard_schema(self._meta.codec)
+            want = shard_schema(self._meta)
         except ValueError as exc:
             raise ShardFormatError(f"{path}: {exc}") from None
         if not _physical(pf.schema_arrow).equals(want):
@@ -285,6 +323,7 @@ class ShardSet:
         """Padded training batches; see `todi.storage.batches.iter_batches`."""
         from todi.storage.batches import iter_batches
 
+        kwargs.setdefault("meta", self.signature)
         return iter_batches(iter(self), **kwargs)
 
 

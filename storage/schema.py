@@ -1,4 +1,4 @@
-"""Shard format v1: the one contract between the teacher and the trainer.
+"""Shard format v2: the one contract between the teacher and the trainer.
 
 A shard set is a directory holding Parquet files and `manifest.json`. One row per sequence:
 
@@ -7,12 +7,21 @@ A shard set is a directory holding Parquet files and `manifest.json`. One row pe
     prompt_len      int32         tokens before the response (0 for plain text)
     ...             binary        the codec's columns: the top-k ids [P, k] and log-probs
                                   [P, k], encoded (see `todi.storage.codec`; the codec name is in
-                                  the metadata)
+                                  the metadata); absent when k = 0 (draws only)
+    draws           binary        `targets = "sampled"` only: N teacher draws per position as
+                                  unique ids, counts and log-probs (`todi.storage.draws`)
+    tail_logz       binary        only with `retemper_temperatures`: per position and
+                                  temperature, the log-partition of the ids NOT stored, which
+                                  re-tempers the row exactly (`todi.storage.draws`)
 
 where the P = L - 1 - first_position stored positions are t = first_position .. L - 2,
 first_position = max(prompt_len - 1, 0), and row t of the top-k predicts token t + 1. The
 log-probs are normalized over the FULL vocabulary at the recorded temperature, never
 renormalized over the top-k: the tail mass 1 - sum(p_k) is information the losses use.
+
+Target kinds (`targets`): "topk" (k ids + the tail bucket 1 - sum p_k) or "sampled" (N draws
+with replacement from the teacher at every position; with k > 0 the draws come from the mass
+outside the exact top-k: a hybrid). Format 1 sets (top-k only) stay readable.
 
 Every file footer (key `todi`) and the manifest carry the same `ShardSetMetadata`.
 """
@@ -22,15 +31,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from todi.common.errors import TodiError
 from todi.storage.codec import DEFAULT_CODEC
+from todi.storage.draws import MAX_DRAWS, Draws
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FOOTER_KEY = b"todi"
 SHARD_SUFFIX = ".parquet"
@@ -59,6 +70,11 @@ SIGNATURE_FIELDS = (
     "temperature",
     "logprobs_mode",
     "codec",
+    "targets",
+    "draws",
+    "sample_seed",
+    "candidates",
+    "retemper_temperatures",
 )
 
 
@@ -80,11 +96,37 @@ class ShardSetMetadata(BaseModel):
     teacher_fingerprint: str
     tokenizer_sha256: str
     vocab_size: int = Field(gt=0)
-    top_k: int = Field(gt=0)
+    top_k: int = Field(ge=0)  # exact top-k entries per position (0: draws only)
     temperature: float = Field(gt=0)
     logprobs_mode: str
     backend: str
     codec: str = DEFAULT_CODEC
+    targets: Literal["topk", "sampled"] = "topk"
+    draws: int = Field(0, ge=0, le=MAX_DRAWS)  # N per position ("sampled")
+    sample_seed: int | None = None  # the draws' seed ("sampled")
+    # Size of the candidate set the draws came from (the engine's top-C at each position);
+    # None: the full vocabulary.
+    candidates: int | None = None
+    # Temperatures this set can be re-tempered to exactly (the `tail_logz` column).
+    retemper_temperatures: tuple[float, ...] = ()
+
+    @model_validator(mode="after")
+    def _targets_consistent(self) -> ShardSetMetadata:
+        if self.targets == "topk" and (self.top_k < 1 or self.draws):
+            raise ValueError("a top-k set needs top_k >= 1 and no draws")
+        if self.targets == "sampled" and (self.draws < 1 or self.sample_seed is None):
+            raise ValueError("a sampled set needs draws >= 1 and a sample_seed")
+        if any(not t > 0 for t in self.retemper_temperatures):
+            raise ValueError("retemper_temperatures must be > 0")
+        return self
+
+    @property
+    def listed_per_position(self) -> str:
+        """What a position stores, for messages: 'top-64 + tail', '50 draws', ..."""
+        if self.targets == "topk":
+            return f"top-{self.top_k} + tail"
+        head = f"top-{self.top_k} + " if self.top_k else ""
+        return f"{head}{self.draws} draws"
 
     def signature_differences(self, other: ShardSetMetadata) -> list[str]:
         """`field: ours != theirs` for each signature field that differs."""
@@ -125,6 +167,8 @@ class Sample:
     prompt_len: int
     topk_ids: np.ndarray  # int32 [P, k], descending log-prob order
     topk_logprobs: np.ndarray  # float32 [P, k]
+    draws: Draws | None = None  # sampled sets: the teacher's draws at the P positions
+    tail_logz: np.ndarray | None = None  # float32 [P, G]: see `todi.storage.draws`
 
     @property
     def first_position(self) -> int:
@@ -150,11 +194,23 @@ def content_sample_id(input_ids: np.ndarray | list[int]) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()[:32]
 
 
-def shard_schema(codec_name: str) -> pa.Schema:
-    """The physical Parquet schema of shards written with `codec_name`."""
+def shard_schema(of: str | ShardSetMetadata) -> pa.Schema:
+    """The physical Parquet schema of shards of a set with metadata `of` (or, given a codec
+    name, of a plain top-k set written with that codec)."""
     from todi.storage.codec import get_codec
 
-    return pa.schema([*BASE_FIELDS, *get_codec(codec_name).columns])
+    if isinstance(of, str):
+        return pa.schema([*BASE_FIELDS, *get_codec(of).columns])
+    fields = [*BASE_FIELDS, *(get_codec(of.codec).columns if of.top_k else ())]
+    if of.targets == "sampled":
+        fields.append(DRAWS_FIELD)
+    if of.retemper_temperatures:
+        fields.append(TAIL_FIELD)
+    return pa.schema(fields)
+
+
+DRAWS_FIELD = pa.field("draws", pa.binary(), nullable=False)
+TAIL_FIELD = pa.field("tail_logz", pa.binary(), nullable=False)
 
 
 def metadata_json(metadata: ShardSetMetadata) -> dict:
@@ -189,6 +245,7 @@ def check_sample(
             sample.input_ids.max() if sample.input_ids.max() >= vocab else sample.input_ids.min()
         )
         raise ShardFormatError(f"{name}: input id {bad} outside the vocabulary [0, {vocab})")
+    _check_targets(sample, metadata, name, positions)
     if not topk_values:
         return
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
@@ -203,3 +260,24 @@ def check_sample(
             raise ShardFormatError(
                 f"{name}: positive log-prob {float(lps.max()):.4g} (log-probs must be <= 0)"
             )
+
+
+def _check_targets(sample: Sample, metadata: ShardSetMetadata, name: str, positions: int) -> None:
+    """The draws and re-tempering columns agree with the metadata."""
+    d = sample.draws
+    if (metadata.targets == "sampled") != (d is not None):
+        raise ShardFormatError(
+            f"{name}: {'no' if d is None else 'unexpected'} draws for a {metadata.targets!r} set"
+        )
+    if d is not None and d.num_positions != positions:
+        raise ShardFormatError(f"{name}: draws for {d.num_positions} positions, not {positions}")
+    grid = len(metadata.retemper_temperatures)
+    t = sample.tail_logz
+    if grid and (t is None or t.shape != (positions, grid)):
+        got = None if t is None else t.shape
+        raise ShardFormatError(
+            f"{name}: tail_logz of shape {got}, expected {(positions, grid)} "
+            f"(retemper_temperatures {metadata.retemper_temperatures})"
+        )
+    if not grid and t is not None:
+        raise ShardFormatError(f"{name}: tail_logz in a set without retemper_temperatures")

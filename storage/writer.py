@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from todi.storage import fs as sfs
 from todi.storage.codec import RowBlock, get_codec
+from todi.storage.draws import DrawsError, encode_draws, encode_tail
 from todi.storage.manifest import Manifest, ShardInfo, manifest_lock, read_manifest, write_manifest
 from todi.storage.schema import (
     MANIFEST_NAME,
@@ -58,14 +59,17 @@ def encode_table(
     for s in samples:
         check_sample(s, metadata, where)
     block = _sample_block(samples)
-    columns = codec.encode_rows(
-        [np.asarray(s.topk_ids) for s in samples],
-        [np.asarray(s.topk_logprobs, dtype=np.float32) for s in samples],
-        block,
-        vocab_size=metadata.vocab_size,
-        top_k=metadata.top_k,
-    )
-    schema = shard_schema(metadata.codec)
+    columns = {}
+    if metadata.top_k:
+        columns = codec.encode_rows(
+            [np.asarray(s.topk_ids) for s in samples],
+            [np.asarray(s.topk_logprobs, dtype=np.float32) for s in samples],
+            block,
+            vocab_size=metadata.vocab_size,
+            top_k=metadata.top_k,
+        )
+    columns |= _target_columns(samples, metadata, where)
+    schema = shard_schema(metadata)
     return pa.table(
         {
             "sample_id": pa.array(block.sample_ids, pa.string()),
@@ -75,6 +79,27 @@ def encode_table(
         },
         schema=schema.with_metadata(metadata.footer()),
     )
+
+
+def _target_columns(
+    samples: list[Sample], metadata: ShardSetMetadata, where: str
+) -> dict[str, pa.Array]:
+    """The `draws` and `tail_logz` columns of a sampled / re-temperable set."""
+    out = {}
+    try:
+        if metadata.targets == "sampled":
+            out["draws"] = pa.array(
+                [
+                    encode_draws(s.draws, vocab_size=metadata.vocab_size, draws=metadata.draws)
+                    for s in samples
+                ],
+                pa.binary(),
+            )
+        if metadata.retemper_temperatures:
+            out["tail_logz"] = pa.array([encode_tail(s.tail_logz) for s in samples], pa.binary())
+    except DrawsError as exc:
+        raise ShardFormatError(f"{where}: {exc}") from None
+    return out
 
 
 def shard_bytes(
@@ -92,11 +117,14 @@ def shard_bytes(
     buf = io.BytesIO()
     # Per-column settings are keyed by the Parquet column path (lists: "name.list.element").
     compression = {"sample_id": "zstd", "input_ids.list.element": "zstd", "prompt_len": "zstd"}
-    compression |= codec.compression
+    if metadata.top_k:
+        compression |= codec.compression
+    compression |= {"draws": "zstd", "tail_logz": "zstd"}
+    compression = {c: kind for c, kind in compression.items() if _has_column(table, c)}
     options: dict[str, Any] = {
         "compression": compression,
         "compression_level": {c: 9 for c, kind in compression.items() if kind == "zstd"},
-        "use_dictionary": list(codec.dictionary),
+        "use_dictionary": list(codec.dictionary) if metadata.top_k else [],
         "write_page_checksum": True,
         "write_statistics": False,
     }
@@ -109,6 +137,10 @@ def shard_bytes(
                 writer.write_table(table.slice(start, i + 1 - start), row_group_size=1 << 30)
                 start, positions = i + 1, 0
     return buf.getvalue()
+
+
+def _has_column(table: pa.Table, path: str) -> bool:
+    return path.split(".")[0] in table.column_names
 
 
 def write_shard(

@@ -155,7 +155,7 @@ def test_metadata_in_every_footer_and_in_the_manifest(tmp_path: Path) -> None:
     write_set(tmp_path, make_samples(12), meta, positions_per_shard=100, job={"top_k": K})
     manifest = manifest_of(tmp_path)
     want = {
-        "format_version": 1,
+        "format_version": 2,
         "teacher_model": "test-teacher",
         "teacher_fingerprint": "sha256:teacher",
         "tokenizer_sha256": "sha256:tok",
@@ -165,6 +165,11 @@ def test_metadata_in_every_footer_and_in_the_manifest(tmp_path: Path) -> None:
         "logprobs_mode": "processed_logprobs",
         "backend": "hf",
         "codec": DEFAULT_CODEC,
+        "targets": "topk",
+        "draws": 0,
+        "sample_seed": None,
+        "candidates": None,
+        "retemper_temperatures": [],
     }
     assert manifest["metadata"] == want
     assert manifest["complete"] is True and manifest["job"] == {"top_k": K}
@@ -534,19 +539,19 @@ def test_unknown_codec_and_newer_format(good_set) -> None:
     assert "unknown shard codec" in _first_problem(root)
 
     m["metadata"]["codec"] = DEFAULT_CODEC
-    m["format_version"] = 2
+    m["format_version"] = 3
     rewrite_manifest(root, m)
-    with pytest.raises(ShardFormatError, match="format_version 2 is newer than this reader"):
+    with pytest.raises(ShardFormatError, match="format_version 3 is newer than this reader"):
         open_shard_set(root)
 
     # A file from a newer writer inside an otherwise fine set.
-    m["format_version"] = 1
+    m["format_version"] = 2
     rewrite_manifest(root, m)
-    newer = make_meta(format_version=2)
+    newer = make_meta(format_version=3)
     info = write_shard(root, make_samples(2, prefix="n"), newer)
     m["shards"].append(info.model_dump())
     rewrite_manifest(root, m)
-    assert "format_version 2 is newer" in _first_problem(root)
+    assert "format_version 3 is newer" in _first_problem(root)
 
 
 def _first_problem(root: Path) -> str:

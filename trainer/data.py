@@ -22,7 +22,6 @@ Memory is bounded by the shuffle buffer + one bucket of raw rows + Ray Data's pr
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from todi.storage import (
     verify_shard_set,
 )
 from todi.storage.batches import plan_batches
+from todi.storage.retemper import temperature_index
 
 if TYPE_CHECKING:
     from todi.trainer.student import StudentInfo
@@ -118,8 +118,9 @@ def check_pairing(
       the exported model keeps its V_s rows. A stored teacher id >= V_tok (the teacher
       ranking a padding row into its top-k) stops training with an error naming the sample.
       The teacher's own mass on padding rows, if any, is part of its tail bucket.
-    - temperature: the set's (applied by the teacher when it wrote the log-probs; cached
-      log-probs cannot be re-tempered). A different `temperature` is refused.
+    - temperature: the set's (applied by the teacher when it wrote the log-probs), or one of
+      the set's `retemper_temperatures` (re-tempered exactly, `todi.storage.retemper`); any
+      other is refused, naming the ones the set can serve.
     """
     if student.tokenizer_sha256 != meta.tokenizer_sha256:
         raise DataError(
@@ -135,15 +136,13 @@ def check_pairing(
             f"the {side} is smaller than the tokenizer ({v_tok} tokens). Rule: both may "
             "exceed the tokenizer size (padding rows) but neither may be smaller"
         )
-    if temperature is not None and not math.isclose(
-        temperature, meta.temperature, rel_tol=1e-9, abs_tol=0.0
-    ):
-        raise DataError(
-            f"temperature mismatch: --temperature {temperature:g} but the shard set was "
-            f"written at temperature {meta.temperature:g} (cached log-probs cannot be "
-            "re-tempered); drop --temperature, or precompute shards at the temperature wanted"
-        )
-    return Pairing(temperature=meta.temperature, vocab_limit=v_tok, top_k=meta.top_k)
+    if temperature is not None:
+        try:
+            temperature_index(meta, temperature)
+        except ShardFormatError as exc:
+            raise DataError(f"temperature mismatch: --temperature {first_line(exc)}") from None
+    chosen = meta.temperature if temperature is None else float(temperature)
+    return Pairing(temperature=chosen, vocab_limit=v_tok, top_k=meta.top_k)
 
 
 def padding_row(ids: Any, vocab_limit: int | None) -> int | None:
@@ -153,7 +152,7 @@ def padding_row(ids: Any, vocab_limit: int | None) -> int | None:
     The vocabulary rule (`check_pairing`) keeps the softmax to the first `vocab_limit` rows;
     an id past them (an input, or a teacher top-k id) would be a token the student can never
     predict, so every reader of teacher ids refuses it through this one test."""
-    if vocab_limit is None:
+    if vocab_limit is None or ids is None:
         return None
     empty = ids.numel() == 0 if hasattr(ids, "numel") else ids.size == 0
     if empty:
@@ -276,16 +275,20 @@ def decode_rows(
     *,
     pad_id: int,
     vocab_limit: int | None = None,
+    temperature: float | None = None,
 ) -> Batch:
     """Decode a micro-batch plan into a padded `Batch` (validated like any shard read).
 
-    `vocab_limit`: ids at or above it (padding rows of a padded head) are refused."""
+    `vocab_limit`: ids at or above it (padding rows of a padded head) are refused.
+    `temperature`: the training temperature (re-tempered when it is not the set's)."""
     table = pa.Table.from_pylist([r.values for r in rows], schema=schema)
     samples = decode_table(table, meta, "training batch")
     if vocab_limit is not None and vocab_limit < meta.vocab_size:
         for s in samples:
+            drawn = None if s.draws is None else s.draws.ids
             bad = [t for t in (padding_row(s.input_ids, vocab_limit),
-                               padding_row(s.topk_ids, vocab_limit)) if t is not None]  # fmt: skip
+                               padding_row(s.topk_ids, vocab_limit),
+                               padding_row(drawn, vocab_limit)) if t is not None]  # fmt: skip
             if bad:
                 top = max(bad)
                 raise DataError(
@@ -293,7 +296,7 @@ def decode_rows(
                     f"(>= tokenizer size {vocab_limit}); the vocabulary rule allows only "
                     "real tokens as inputs and teacher top-k ids"
                 )
-    return collate(samples, pad_id=pad_id)
+    return collate(samples, pad_id=pad_id, meta=meta, temperature=temperature)
 
 
 def dummy_batch(k: int, pad_id: int) -> Batch:

@@ -596,6 +596,7 @@ class _Worker:
                     schema_box[0],
                     pad_id=self.pad_id,
                     vocab_limit=self.lc["vocab_limit"],
+                    temperature=self.lc["temperature"],
                 )
             )
         return micro

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from todi.common.errors import TodiError
+from todi.services.targets import TargetRequest, Targets, select, sequence_generator
 from todi.storage.schema import TopK
 
 # The temperatures any backend accepts: log_softmax(z / T) stays finite in float32 over
@@ -46,6 +47,8 @@ class TeacherInfo:
     max_model_len: int  # longest sequence (tokens) topk() accepts
     logprobs_mode: str  # how the log-probs were made, e.g. "raw_logprobs", "log_softmax_fp32"
     temperatures: tuple[float, ...] | None  # temperatures this backend serves; None = any
+    # Whether `targets` sees the whole vocabulary (else the top-max_top_k candidates).
+    full_distribution: bool = False
 
     @property
     def default_temperature(self) -> float:
@@ -98,6 +101,67 @@ class TeacherBackend(ABC):
             if self._closed:
                 raise RuntimeError(f"{self.info.backend} backend is closed")
             return self._topk(seqs, top_k, temperature)
+
+    def targets(
+        self,
+        sequences: Sequence[Sequence[int]],
+        request: TargetRequest,
+        temperature: float,
+        *,
+        keys: Sequence[str],
+        starts: Sequence[int],
+    ) -> list[Targets]:
+        """What `request` keeps (`todi.services.targets`) at rows starts[i] .. L-2 of each
+        sequence; `keys` (sample ids) seed each sequence's draws. Engines that see the full
+        vocabulary (`info.full_distribution`) draw from it; the others draw from their top-C
+        candidates (C = max_top_k), whose mass `Targets.covered` reports, and cannot record
+        the re-tempering statistics."""
+        seqs, _, temperature = self.validate(sequences, max(request.top_k, 1), temperature)
+        self.check_targets(request)
+        if len(keys) != len(seqs) or len(starts) != len(seqs):
+            raise ValueError("targets: one key and one start per sequence")
+        if not seqs:
+            return []
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.info.backend} backend is closed")
+            return self._targets(seqs, request, temperature, list(keys), list(starts))
+
+    def check_targets(self, request: TargetRequest) -> None:
+        """Raise BackendError unless this engine can produce what `request` keeps."""
+        if not self.info.full_distribution and request.retemper:
+            raise BackendError(
+                "retemper",
+                f"needs the teacher's full distribution at every position; the "
+                f"{self.info.backend} engine returns its top-{self.info.max_top_k} only "
+                "(use the hf engine, or capture at the training temperature)",
+            )
+
+    def _targets(
+        self,
+        sequences: list[list[int]],
+        request: TargetRequest,
+        temperature: float,
+        keys: list[str],
+        starts: list[int],
+    ) -> list[Targets]:
+        """Default: select from the engine's top-C candidates (C = max_top_k)."""
+        import torch
+
+        out = []
+        for res, key, start in zip(
+            self._topk(sequences, self.info.max_top_k, temperature), keys, starts, strict=True
+        ):
+            out.append(
+                select(
+                    torch.from_numpy(np.ascontiguousarray(res.logprobs[start:])),
+                    request,
+                    temperature=temperature,
+                    generator=sequence_generator(request.sample_seed, key),
+                    candidate_ids=torch.from_numpy(res.ids[start:].astype(np.int64)),
+                )
+            )
+        return out
 
     def validate(
         self, sequences: Sequence[Sequence[int]], top_k: int, temperature: float = 1.0

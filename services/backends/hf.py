@@ -15,6 +15,7 @@ import numpy as np
 
 from todi.services.backends.base import BackendError, TeacherBackend, TeacherInfo, TopK
 from todi.services.models import resolve_model
+from todi.services.targets import TargetRequest, Targets, concat_targets, select, sequence_generator
 from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 _DTYPES = {
@@ -109,6 +110,7 @@ class HFBackend(TeacherBackend):
             max_model_len=int(max_model_len),
             logprobs_mode="log_softmax_fp32",
             temperatures=None,
+            full_distribution=True,
         )
         self.model_dir = path
 
@@ -116,23 +118,55 @@ class HFBackend(TeacherBackend):
         import torch
 
         results: list[TopK | None] = [None] * len(sequences)
-        lengths = [len(s) for s in sequences]
         with torch.inference_mode():
-            for batch in pack_by_budget(lengths, self.token_budget):
-                width = lengths[batch[0]]
-                ids = torch.zeros((len(batch), width), dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : lengths[i]] = torch.tensor(sequences[i], dtype=torch.long)
-                    mask[row, : lengths[i]] = 1
-                logits = self.model(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    use_cache=False,
-                ).logits
-                for row, i in enumerate(batch):
-                    results[i] = self._rows_topk(logits[row, : lengths[i] - 1], top_k, temperature)
-                del logits
+            for i, logits in self._forward(sequences):
+                results[i] = self._rows_topk(logits, top_k, temperature)
+        return results  # type: ignore[return-value]
+
+    def _forward(self, sequences: list[list[int]]):
+        """(index, logits [L-1, V]) of each sequence, in packed batches (no grad)."""
+        import torch
+
+        lengths = [len(s) for s in sequences]
+        for batch in pack_by_budget(lengths, self.token_budget):
+            width = lengths[batch[0]]
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : lengths[i]] = torch.tensor(sequences[i], dtype=torch.long)
+                mask[row, : lengths[i]] = 1
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+            ).logits
+            for row, i in enumerate(batch):
+                yield i, logits[row, : lengths[i] - 1]
+            del logits
+
+    def _targets(
+        self,
+        sequences: list[list[int]],
+        request: TargetRequest,
+        temperature: float,
+        keys: list[str],
+        starts: list[int],
+    ) -> list[Targets]:
+        """`select` on the full-vocabulary log-softmax, `logsoftmax_rows` rows at a time; one
+        generator per sequence, consumed row block by row block (same blocks every run)."""
+        import torch
+
+        results: list[Targets | None] = [None] * len(sequences)
+        with torch.inference_mode():
+            for i, logits in self._forward(sequences):
+                gen = sequence_generator(request.sample_seed, keys[i])
+                parts = []
+                rows = logits[starts[i] :]
+                for lo in range(0, rows.shape[0], self.logsoftmax_rows):
+                    z = rows[lo : lo + self.logsoftmax_rows].float()
+                    if temperature != 1.0:
+                        z = z / temperature
+                    lp = torch.log_softmax(z, dim=-1).cpu()
+                    parts.append(select(lp, request, temperature=temperature, generator=gen))
+                results[i] = concat_targets(parts, rows.shape[0], request)
         return results  # type: ignore[return-value]
 
     def _rows_topk(self, logits, top_k: int, temperature: float) -> TopK:
