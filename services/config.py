@@ -12,7 +12,14 @@ import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from todi.services.backends.base import MAX_TEMPERATURE, MIN_TEMPERATURE
 from todi.services.targets import TargetKind, TargetRequest
@@ -56,19 +63,21 @@ class JobSpec(BaseModel):
         examples=["sets/train"],
         description="output shard-set folder; under the service, relative to its storage root",
     )
-    top_k: int = Field(
-        ge=0,
-        le=4096,
-        description="exact teacher log-probs kept per position (the top-k); 0 with "
-        "targets 'sampled' keeps draws only",
-    )
     targets: TargetKind = Field(
         "topk",
         description="'topk': the top-k + the tail bucket; 'sampled': `draws` draws with "
         "replacement from the teacher at each position (from the mass outside the top-k when "
         "top_k > 0), stored as unique ids, counts and log-probs",
     )
-    draws: int = Field(0, ge=0, le=MAX_DRAWS, description="draws per position ('sampled')")
+    top_k: int = Field(
+        ge=0,
+        le=4096,
+        description="exact teacher log-probs kept per position (the top-k); 0 with "
+        "targets 'sampled' keeps draws only",
+    )
+    draws: int = Field(
+        0, ge=0, le=MAX_DRAWS, validate_default=True, description="draws per position (sampled)"
+    )
     sample_seed: int = Field(0, ge=0, description="seed of the draws ('sampled')")
     retemper: list[float] = Field(
         default_factory=list,
@@ -136,10 +145,22 @@ class JobSpec(BaseModel):
             raise ValueError("temperatures must be distinct")
         return v
 
-    @model_validator(mode="after")
-    def _targets_consistent(self) -> JobSpec:
-        self.target_request()  # raises ValueError naming the problem
-        return self
+    @field_validator("top_k")
+    @classmethod
+    def _k_for_targets(cls, v: int, info: ValidationInfo) -> int:
+        if v < 1 and info.data.get("targets", "topk") == "topk":
+            raise ValueError("must be >= 1 with targets 'topk' (0 only with 'sampled')")
+        return v
+
+    @field_validator("draws")
+    @classmethod
+    def _draws_for_targets(cls, v: int, info: ValidationInfo) -> int:
+        targets = info.data.get("targets", "topk")
+        if targets == "sampled" and v < 1:
+            raise ValueError("must be >= 1 with targets 'sampled'")
+        if targets == "topk" and v:
+            raise ValueError("must be 0 with targets 'topk' (set targets to 'sampled')")
+        return v
 
     def target_request(self) -> TargetRequest:
         """What the job keeps per position."""

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.tolerance import assert_same_ranking
-from todi.storage import content_sample_id, open_shard_set, verify_shard_set
+from todi.storage import collate, content_sample_id, open_shard_set, verify_shard_set
 from todi.storage.schema import ARROW_SCHEMA, first_position
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -578,6 +578,28 @@ def test_precompute_job_via_rest(client: httpx.Client, server: Server, tmp_path:
     assert metric(text, "todi_engine_tokens_total", source="job") > 0
 
 
+def test_sampled_job_via_rest(client: httpx.Client, server: Server, tmp_path: Path) -> None:
+    """The REST job body takes the sampled targets and the re-tempering grid; the set is what
+    the in-process job writes (draws reproducible from the seed and sample ids)."""
+    data = write_jsonl(tmp_path / "rows.jsonl", text_rows(4, "smp"))
+    spec = {"dataset": str(data), "out": "sets/sampled", "top_k": 2, "targets": "sampled",
+            "draws": 12, "sample_seed": 3, "retemper": [2.0],
+            "positions_per_shard": 40}  # fmt: skip
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 202, r.text
+    assert wait_job(client, r.json()["job_id"])["state"] == "succeeded"
+    s = open_shard_set(server.storage_root / "sets" / "sampled")
+    sig = s.signature
+    assert (sig.targets, sig.top_k, sig.draws, sig.sample_seed) == ("sampled", 2, 12, 3)
+    assert sig.retemper_temperatures == (2.0,) and sig.candidates is None
+    for sample in s:
+        assert sample.draws is not None and sample.tail_logz.shape == (sample.num_positions, 1)
+        counts = np.add.reduceat(sample.draws.counts, sample.draws.offsets[:-1])
+        assert (counts == 12).all()
+    batch = collate(list(s), meta=sig, temperature=2.0)
+    assert batch.target_weights is not None and batch.target_weights.sum() > 0
+
+
 def test_job_paths_confined_and_bad_specs(
     client: httpx.Client, server: Server, tmp_path: Path
 ) -> None:
@@ -613,6 +635,12 @@ def test_job_paths_confined_and_bad_specs(
         ({**base, "out": "u", "unknown": 1}, "unknown"),
         ({"out": "u", "top_k": 2}, "dataset"),
         ({**base, "out": "j", "job_id": "../../etc"}, "job_id"),
+        ({**base, "out": "s", "targets": "sampled"}, "draws"),
+        ({**base, "out": "s", "draws": 4}, "draws"),
+        ({**base, "out": "s", "targets": "rumours", "draws": 4}, "targets"),
+        ({**base, "out": "s", "targets": "sampled", "draws": 256}, "draws"),
+        ({**base, "out": "s", "retemper": [2, 2]}, "retemper"),
+        ({**base, "out": "s", "retemper": [0]}, "retemper"),
     ]
     for body, field in bad:
         r = client.post("/v1/jobs", json=body)

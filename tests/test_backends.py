@@ -492,3 +492,33 @@ def test_remote_vllm_serve_equals_vllm_backend(served, vllm_t2, teacher_dir, seq
     # A server whose --max-logprobs is below max_top_k is caught at start-up.
     with pytest.raises(BackendError, match="max_top_k"):
         create_backend("remote", teacher_dir, url=url, temperature=2.0, max_top_k=65)
+
+
+@pytest.mark.slow
+def test_vllm_draws_come_from_its_candidates(vllm_t2, hf, sequences):
+    """vLLM returns its top-C only (C = max_top_k): sampled targets are drawn from those
+    candidates, each drawn id carries its full-vocabulary log-prob, the candidates' mass is
+    reported (< 1 at T = 2), and `retemper` (which needs the full distribution) is refused."""
+    from todi.services.targets import TargetRequest
+
+    req = TargetRequest(targets="sampled", top_k=0, draws=20, sample_seed=1)
+    seqs = sequences[:2]
+    (got, again) = (
+        vllm_t2.targets(seqs, req, 2.0, keys=["a", "b"], starts=[0, 0]) for _ in range(2)
+    )
+    c = vllm_t2.info.max_top_k
+    ref = hf.topk(seqs, c, 2.0)
+    for t, t2, r, seq in zip(got, again, ref, seqs, strict=True):
+        d = t.draws
+        assert d.num_positions == len(seq) - 1
+        assert np.array_equal(d.ids, t2.draws.ids)  # same seed, same sample id: same draws
+        assert np.all(t.covered < 1) and np.all(t.covered > 0)
+        np.testing.assert_allclose(t.covered, np.exp(r.logprobs.astype(np.float64)).sum(1),
+                                   atol=2e-3)  # fmt: skip
+        for row in range(d.num_positions):
+            ids = d.ids[d.offsets[row] : d.offsets[row + 1]]
+            assert set(ids.tolist()) <= set(r.ids[row].tolist())
+    with pytest.raises(BackendError) as err:
+        vllm_t2.targets(seqs, TargetRequest(top_k=4, retemper=(1.0,)), 2.0, keys=["a", "b"],
+                        starts=[0, 0])  # fmt: skip
+    assert err.value.field == "retemper" and "hf engine" in str(err.value)

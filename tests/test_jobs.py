@@ -323,3 +323,55 @@ def test_ray_two_actors_resume_partial_set(tmp_path, hf_backend, teacher_dir, ra
     fp = first_position(sample.prompt_len)
     np.testing.assert_array_equal(sample.topk_ids[:, 0], direct.ids[fp:, 0])
     np.testing.assert_allclose(sample.topk_logprobs, direct.logprobs[fp:], atol=0.03)
+
+
+def test_ray_sampled_job_equals_the_in_process_one(tmp_path, hf_backend, teacher_dir, ray_cluster):
+    """`--ray` writes sampled targets too, drawn from the same per-sequence generators as the
+    in-process job (seeded by the seed and the sample id). The actors batch the sequences
+    differently, so the float probabilities differ by a few ULP; inverse-CDF sampling over
+    49k cumulative sums moves a draw when its uniform lands within that distance of a
+    boundary (about 1 % of draws here; tests/tolerance.py). Different seeds would share only
+    the teacher's typical ids."""
+    from todi.services.ray_precompute import run_ray_precompute
+
+    data = write_dataset(tmp_path / "d.jsonl", 8)
+    common = dict(dataset=str(data), top_k=2, targets="sampled", draws=16, sample_seed=5,
+                  batch_tokens=80, positions_per_shard=40, chat_template=False)  # fmt: skip
+    local = JobSpec(out=str(tmp_path / "local"), **common)
+    assert run_precompute(local, hf_backend).state == "succeeded"
+    remote = JobSpec(out=str(tmp_path / "ray"), ray=True, num_actors=2, **common)
+    p = run_ray_precompute(remote, backend="hf", model=teacher_dir, info=hf_backend.info,
+                           actor_num_cpus=0.5)  # fmt: skip
+    assert p.state == "succeeded"
+    other = JobSpec(out=str(tmp_path / "seed6"), **{**common, "sample_seed": 6})
+    assert run_precompute(other, hf_backend).state == "succeeded"
+    sets = [{s.sample_id: s for s in open_shard_set(j.out)} for j in (local, remote, other)]
+    assert sets[0].keys() == sets[1].keys() == sets[2].keys() and len(sets[0]) == 8
+
+    def moved(a, b) -> float:
+        """Share of draws that differ between two sets (as multisets per position)."""
+        differ = total = 0
+        for sid, s in a.items():
+            t = b[sid]
+            assert np.array_equal(s.topk_ids, t.topk_ids)
+            for i in range(s.num_positions):
+                ca = dict(
+                    zip(
+                        *(
+                            x[s.draws.offsets[i] : s.draws.offsets[i + 1]].tolist()
+                            for x in (s.draws.ids, s.draws.counts)
+                        ),
+                        strict=True,
+                    )
+                )
+                cb = dict(zip(*(x[t.draws.offsets[i] : t.draws.offsets[i + 1]].tolist()
+                                for x in (t.draws.ids, t.draws.counts)), strict=True))  # fmt: skip
+                differ += 16 - sum(min(c, cb.get(v, 0)) for v, c in ca.items())
+                total += 16
+        return differ / total
+
+    same_seed, new_seed = moved(sets[0], sets[1]), moved(sets[0], sets[2])
+    assert same_seed < 0.05 and new_seed > 5 * max(same_seed, 0.01), (same_seed, new_seed)
+    cov = open_shard_set(remote.out).manifest.job["coverage"]
+    assert cov["positions"] == open_shard_set(remote.out).num_positions
+    assert cov["mean"] == pytest.approx(1.0, abs=1e-5)

@@ -185,6 +185,8 @@ class StudentObjective(nn.Module):
 def batch_sums(objective: nn.Module, batch: Batch, device: torch.device | str = "cpu"):
     """(CE sum, divergence sum) of one batch through `objective` (a StudentObjective or DDP)."""
     b = batch.to(device)
+    if b.target_weights is not None:  # until the weighted estimator is wired in (#18)
+        raise TrainError("sampled targets: the weighted estimator is not in this trainer yet")
     return objective(b.input_ids, b.attention_mask, b.labels, b.topk_ids, b.topk_logprobs)
 
 
