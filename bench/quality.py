@@ -78,6 +78,7 @@ class StudyConfig(BaseModel):
     out: str = Field(description="working folder (data, shards, runs)")
     prompts: str | None = Field(None, description="JSONL prompt/response rows; None: chatterbot")
     heldout: int = 320
+    max_prompts: int | None = None  # use the first N prompts only (None: all)
     answer_tokens: int = 24
     max_seq_len: int = 128
     student_layers: int = 10
@@ -91,6 +92,10 @@ class StudyConfig(BaseModel):
     small_k: int = 8
     temperature: float = 2.0
     draws: int = 50
+    # hf: transformers (a full-vocabulary engine, needed by draws and re-tempering anyway);
+    # vllm: faster on an idle machine (bench/results/teacher.json) but its CPU threads spin
+    # and crawl when the 2 cores are shared.
+    engine: str = "hf"
     hybrid_k: int = 8
     hybrid_draws: int = 42
     sample_seed: int = 0
@@ -172,9 +177,10 @@ def build_data(cfg: StudyConfig, teacher: Path) -> tuple[Path, Path]:
     if train.is_file() and held.is_file():
         return train, held
     prompts = _read_prompts(cfg.prompts) if cfg.prompts else chatterbot_turns()
+    prompts = prompts[: cfg.max_prompts]
     t0 = time.monotonic()
     answers = generate_answers(
-        teacher, prompts, backend="vllm", max_new_tokens=cfg.answer_tokens, seed=cfg.data_seed
+        teacher, prompts, backend=cfg.engine, max_new_tokens=cfg.answer_tokens, seed=cfg.data_seed
     )
     rows = [
         {"id": f"q{i}", "prompt": p, "response": a}
@@ -203,7 +209,7 @@ class SetSpec(BaseModel):
     split: str
     temperature: float
     top_k: int
-    engine: str = "vllm"  # sampled and re-temperable sets need the full distribution: hf
+    engine: str = "hf"  # draws and re-tempering need the full distribution (hf)
     targets: str = "topk"
     draws: int = 0
     retemper: tuple[float, ...] = ()
@@ -226,17 +232,21 @@ def shard_sets(cfg: StudyConfig) -> dict[str, SetSpec]:
     """name -> SetSpec of every shard set the chosen settings need."""
     t = cfg.temperature
     sets = {
-        _topk_name(sp, cfg.top_k, t): SetSpec(split=sp, temperature=t, top_k=cfg.top_k)
+        _topk_name(sp, cfg.top_k, t): SetSpec(
+            split=sp, temperature=t, top_k=cfg.top_k, engine=cfg.engine
+        )
         for sp in ("train", "heldout")
     }
     want = set(cfg.settings)
     if "todi-k8" in want:
         sets[_topk_name("train", cfg.small_k, t)] = SetSpec(
-            split="train", temperature=t, top_k=cfg.small_k
+            split="train", temperature=t, top_k=cfg.small_k, engine=cfg.engine
         )
     if want & {"todi-t1", "todi-online-t1"}:
         for sp in ("train", "heldout"):
-            sets[_topk_name(sp, cfg.top_k, 1)] = SetSpec(split=sp, temperature=1.0, top_k=cfg.top_k)
+            sets[_topk_name(sp, cfg.top_k, 1)] = SetSpec(
+                split=sp, temperature=1.0, top_k=cfg.top_k, engine=cfg.engine
+            )
     for temp in (1.0, t):
         if f"todi-draws-t{temp:g}" in want:
             sets[f"train-d{cfg.draws}-T{temp:g}"] = SetSpec(
@@ -697,6 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--student-layers", type=int)
     ap.add_argument("--heldout", type=int)
+    ap.add_argument("--max-prompts", type=int, help="use the first N prompts only")
+    ap.add_argument("--engine", choices=("hf", "vllm"), help="answers and top-k captures")
     ap.add_argument("--rouge-prompts", type=int)
     ap.add_argument("--results", default=str(RESULTS / "quality.json"))
     ap.add_argument("--report-only", action="store_true", help="no new runs: report what is")

@@ -156,24 +156,42 @@ def _shutdown_vllm() -> None:
         pass
 
 
-def _generate_hf(model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed):
+def _generate_hf(
+    model_dir, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size: int = 32
+):
+    """transformers generation, `batch_size` prompts at a time (left-padded), each batch seeded
+    with seed + its index: the same answers for the same prompts, order and batch size."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = model.config.eos_token_id
+    pad = pad[0] if isinstance(pad, list) else pad
     outputs = []
     with torch.inference_mode():
-        for i, ids in enumerate(prompt_ids):
-            torch.manual_seed(seed + i)
+        for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
+            chunk = prompt_ids[start : start + batch_size]
+            width = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, x in enumerate(chunk):
+                ids[r, width - len(x) :] = torch.tensor(x)
+                mask[r, width - len(x) :] = 1
+            torch.manual_seed(seed + b)
             out = model.generate(
-                torch.tensor([ids]),
+                ids,
+                attention_mask=mask,
                 do_sample=True,
                 temperature=temperature,
                 top_p=top_p,
                 max_new_tokens=max_new_tokens,
-                pad_token_id=model.config.eos_token_id,
+                pad_token_id=pad,
             )
-            outputs.append(out[0, len(ids) :].tolist())
+            for r in range(len(chunk)):
+                answer = out[r, width:].tolist()
+                if pad in answer:  # generation ended: drop the padding after the end
+                    answer = answer[: answer.index(pad) + 1]
+                outputs.append(answer)
     return outputs
 
 
