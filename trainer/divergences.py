@@ -77,16 +77,73 @@ def _prepare(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     return lp, lq, lp.exp(), lq.exp()
 
 
+# Every elementwise divergence is a sum over outcomes of d(p_v, q_v), and every such d here is
+# linear in the two masses once the log-probs are fixed: d = p * a(log p, log q) + q * b(...)
+# (TVD: |p - q| / 2). So each kind is written ONCE as a function of the log-probs and of two
+# masses (mp, mq) that multiply its p-side and its q-side:
+#   exact terms (`outcome_terms`):       mp = p,  mq = q                    -> d_v
+#   importance-weighted (`sampled_*`):   mp = w,  mq = w * q / p            -> w_v * d_v / p_v
+# The second is d / p times the weight without ever dividing by a small p: mq is formed in log
+# space, exp(log w + log q - log p).
+
+
+def _fkl_terms(lp: Tensor, lq: Tensor, mp: Tensor, mq: Tensor, beta: float) -> Tensor:
+    return mp * (lp - lq)
+
+
+def _rkl_terms(lp: Tensor, lq: Tensor, mp: Tensor, mq: Tensor, beta: float) -> Tensor:
+    return mq * (lq - lp)
+
+
+def _todi_terms(lp: Tensor, lq: Tensor, mp: Tensor, mq: Tensor, beta: float) -> Tensor:
+    r = lp - lq
+    alpha = torch.sigmoid(beta * r).detach()
+    return alpha * mp * r - (1.0 - alpha) * mq * r
+
+
+def _js_terms(lp: Tensor, lq: Tensor, mp: Tensor, mq: Tensor, beta: float) -> Tensor:
+    lm = torch.logaddexp(lp, lq) - _LOG2
+    return 0.5 * (mp * (lp - lm) + mq * (lq - lm))
+
+
+def _tvd_terms(lp: Tensor, lq: Tensor, mp: Tensor, mq: Tensor, beta: float) -> Tensor:
+    return 0.5 * (mp - mq).abs()
+
+
+def _skl_terms(lp: Tensor, lq: Tensor, mp: Tensor, mq: Tensor, beta: float) -> Tensor:
+    lm = torch.logaddexp(lp + math.log(SKEW_LAMBDA), lq + math.log1p(-SKEW_LAMBDA))
+    return mp * (lp - lm)
+
+
+def _srkl_terms(lp: Tensor, lq: Tensor, mp: Tensor, mq: Tensor, beta: float) -> Tensor:
+    lm = torch.logaddexp(lp + math.log1p(-SKEW_LAMBDA), lq + math.log(SKEW_LAMBDA))
+    return mq * (lq - lm)
+
+
+_TERMS: Final[dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]]] = {
+    "fkl": _fkl_terms,
+    "rkl": _rkl_terms,
+    "todi": _todi_terms,
+    "js": _js_terms,
+    "tvd": _tvd_terms,
+    "skl": _skl_terms,
+    "srkl": _srkl_terms,
+}
+ELEMENTWISE_KINDS: Final = tuple(_TERMS)
+"""The kinds that are a sum of per-outcome terms (all but AKL): the ones weighted (sampled)
+targets can estimate."""
+
+
 def forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Forward KL: FKL(p || q) = sum_v p_v (log p_v - log q_v)."""
-    lp, lq, p, _ = _prepare(log_p, log_q)
-    return (p * (lp - lq)).sum(-1)
+    lp, lq, p, q = _prepare(log_p, log_q)
+    return _fkl_terms(lp, lq, p, q, 1.0).sum(-1)
 
 
 def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Reverse KL: RKL = KL(q || p) = sum_v q_v (log q_v - log p_v)."""
-    lp, lq, _, q = _prepare(log_p, log_q)
-    return (q * (lq - lp)).sum(-1)
+    lp, lq, p, q = _prepare(log_p, log_q)
+    return _rkl_terms(lp, lq, p, q, 1.0).sum(-1)
 
 
 def todi(log_p: Tensor, log_q: Tensor, *, beta: float = 1.0) -> Tensor:
@@ -101,9 +158,7 @@ def todi(log_p: Tensor, log_q: Tensor, *, beta: float = 1.0) -> Tensor:
     d ToDi / d log q_v = q_v g_v with g_v = -alpha_v p_v / q_v + (1 - alpha_v)(log(q_v/p_v) + 1).
     """
     lp, lq, p, q = _prepare(log_p, log_q)
-    r = lp - lq
-    alpha = torch.sigmoid(beta * r).detach()
-    return (alpha * p * r - (1.0 - alpha) * q * r).sum(-1)
+    return _todi_terms(lp, lq, p, q, beta).sum(-1)
 
 
 def js_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -112,31 +167,28 @@ def js_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
     log m = logaddexp(log p, log q) - log 2 is exact in log space (the reference code adds 1e-9
     inside the logs instead; the difference is below 1e-8 on the golden example)."""
     lp, lq, p, q = _prepare(log_p, log_q)
-    lm = torch.logaddexp(lp, lq) - _LOG2
-    return 0.5 * (p * (lp - lm) + q * (lq - lm)).sum(-1)
+    return _js_terms(lp, lq, p, q, 1.0).sum(-1)
 
 
 def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Total variation distance: TVD = 1/2 sum_v |p_v - q_v|."""
-    _, _, p, q = _prepare(log_p, log_q)
-    return 0.5 * (p - q).abs().sum(-1)
+    lp, lq, p, q = _prepare(log_p, log_q)
+    return _tvd_terms(lp, lq, p, q, 1.0).sum(-1)
 
 
-def skewed_forward_kl(log_p: Tensor, log_q: Tensor, *, skew: float = SKEW_LAMBDA) -> Tensor:
-    """Skewed forward KL (DistiLLM; ToDi reference code): SKL = KL(p || lam p + (1 - lam) q).
-
-    The mixture is formed in log space: log m = logaddexp(log lam + log p, log(1-lam) + log q).
-    """
-    lp, lq, p, _ = _prepare(log_p, log_q)
-    lm = torch.logaddexp(lp + math.log(skew), lq + math.log1p(-skew))
-    return (p * (lp - lm)).sum(-1)
+def skewed_forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Skewed forward KL (DistiLLM; ToDi reference code): SKL = KL(p || lam p + (1 - lam) q),
+    lam = `SKEW_LAMBDA`. The mixture is formed in log space:
+    log m = logaddexp(log lam + log p, log(1-lam) + log q)."""
+    lp, lq, p, q = _prepare(log_p, log_q)
+    return _skl_terms(lp, lq, p, q, 1.0).sum(-1)
 
 
-def skewed_reverse_kl(log_p: Tensor, log_q: Tensor, *, skew: float = SKEW_LAMBDA) -> Tensor:
-    """Skewed reverse KL (DistiLLM; ToDi reference code): SRKL = KL(q || (1 - lam) p + lam q)."""
-    lp, lq, _, q = _prepare(log_p, log_q)
-    lm = torch.logaddexp(lp + math.log1p(-skew), lq + math.log(skew))
-    return (q * (lq - lm)).sum(-1)
+def skewed_reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Skewed reverse KL (DistiLLM; ToDi reference code): SRKL = KL(q || (1 - lam) p + lam q),
+    lam = `SKEW_LAMBDA`."""
+    lp, lq, p, q = _prepare(log_p, log_q)
+    return _srkl_terms(lp, lq, p, q, 1.0).sum(-1)
 
 
 def adaptive_kl(log_p: Tensor, log_q: Tensor, *, mu: float = AKL_MU) -> Tensor:
@@ -190,17 +242,82 @@ def check_params(beta: float, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def check_kind_for_weights(kind: str) -> None:
+    """Raise ValueError unless `kind` can be estimated from weighted (sampled) targets.
+
+    Weighted targets estimate a sum over the vocabulary, sum_v d(p_v, q_v), term by term.
+    AKL is not such a sum: its head/tail split sorts the WHOLE teacher distribution by p and
+    weighs FKL against RKL with gaps summed over each part, which a handful of draws does not
+    determine (and a ratio of estimates would be biased)."""
+    check_kind(kind)
+    if kind not in _TERMS:
+        raise ValueError(
+            f"divergence {kind!r} cannot be trained on sampled (weighted) teacher targets: it "
+            "is not a sum of per-token terms (AKL splits the whole sorted teacher distribution "
+            f"into head and tail); use one of {', '.join(ELEMENTWISE_KINDS)}, or top-k targets"
+        )
+
+
+def outcome_terms(kind: str, log_p: Tensor, log_q: Tensor, *, beta: float = 1.0) -> Tensor:
+    """Per-outcome terms d(p_v, q_v) of an elementwise divergence: [..., K] -> [..., K].
+
+    `outcome_divergence` is their sum over the last dim (every kind but AKL)."""
+    check_kind_for_weights(kind)
+    lp, lq, p, q = _prepare(log_p, log_q)
+    return _TERMS[kind](lp, lq, p, q, beta)
+
+
 def outcome_divergence(kind: str, log_p: Tensor, log_q: Tensor, *, beta: float = 1.0) -> Tensor:
     """The divergence `kind` between p and q given as log-probs over outcomes [..., K] -> [...].
 
     `beta` is ToDi's sigmoid sharpness (ignored by the other kinds); skl/srkl use
-    `SKEW_LAMBDA`, akl uses `AKL_MU`."""
+    `SKEW_LAMBDA`, akl uses `AKL_MU`. Every kind but AKL is the sum of its `outcome_terms`."""
     check_kind(kind)
     if log_p.shape != log_q.shape:
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
-    if kind == "todi":
-        return todi(log_p, log_q, beta=beta)
-    return _DIVERGENCES[kind](log_p, log_q)
+    if kind == "akl":
+        return adaptive_kl(log_p, log_q)
+    return outcome_terms(kind, log_p, log_q, beta=beta).sum(-1)
+
+
+def sampled_divergence(
+    kind: str, log_p: Tensor, log_q: Tensor, weights: Tensor, *, beta: float = 1.0
+) -> Tensor:
+    """Importance-sampling estimate of a full-vocabulary divergence: [c, k] x 3 -> [c].
+
+        D = sum_v d(p_v, q_v)   is estimated by   D_hat = sum_i w_i * d(p_i, q_i) / p_i
+
+    over the k listed entries i of each row (the teacher is the proposal). log_p [c, k]: the
+    teacher's log-probs at the listed ids (normalized over the full vocabulary); log_q [c, k]:
+    the student's full-vocabulary log-softmax at the same ids; weights [c, k] >= 0:
+    - RS-KD (N draws from p with replacement, distinct ids u drawn c_u times): w_u = c_u / N,
+      and E[D_hat] = D exactly, for the value and (alpha detached, draws independent of the
+      student) for the gradient;
+    - exact head + sampled rest: w_i = p_i on the head (the term is then d_i exactly) and
+      w_u = P_rest * c_u / N_rest on the draws from the renormalized rest;
+    - w = p over all V ids: D_hat = D exactly.
+    Entries with w = 0 are padding: they contribute exactly 0 to the value and the gradient,
+    whatever their log-probs. Ids may repeat (each listing is its own term).
+
+    Per kind, with r = log p - log q: the forward side's estimate per unit weight is bounded
+    (fkl: w r), the reverse side's carries the importance ratio q / p (rkl: w (q/p)(-r)), formed
+    as exp(log w + log q - log p), never by dividing by a small p. No AKL
+    (`check_kind_for_weights`)."""
+    check_kind_for_weights(kind)
+    if not log_p.shape == log_q.shape == weights.shape:
+        raise ValueError(
+            f"log_p {tuple(log_p.shape)}, log_q {tuple(log_q.shape)} and weights "
+            f"{tuple(weights.shape)} must have the same shape"
+        )
+    lp, lq, _, _ = _prepare(log_p, log_q)
+    w = weights.detach().to(lp.dtype)
+    listed = w > 0
+    # Padding: both log-probs set to 0 (finite, r = 0), so nothing there can make inf or NaN,
+    # and the student's value at a padding entry gets exactly zero gradient.
+    lp = torch.where(listed, lp, torch.zeros_like(lp))
+    lq = torch.where(listed, lq, torch.zeros_like(lq))
+    mq = torch.exp(w.log() + lq - lp)  # w q / p; log 0 = -inf gives exactly 0 at padding
+    return _TERMS[kind](lp, lq, w, mq, beta).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------
