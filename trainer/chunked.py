@@ -32,11 +32,13 @@ from torch.autograd.function import once_differentiable
 from todi.storage.batches import IGNORE_INDEX
 from todi.trainer.divergences import (
     check_kind,
+    check_kind_for_weights,
     check_params,
     coarsened_teacher,
     math_dtype,
     outcome_divergence,
     renormalized_topk,
+    sampled_divergence,
 )
 
 DEFAULT_CHUNK_SIZE: Final = 1024
@@ -65,6 +67,23 @@ def _check_topk(topk_ids: Tensor, topk_logprobs: Tensor, n: int, v: int) -> None
         raise ValueError(f"top-k ids must be int64 (torch.long), got {topk_ids.dtype}")
     if topk_ids.shape[1] > v:
         raise ValueError(f"k = {topk_ids.shape[1]} exceeds the vocabulary size {v}")
+
+
+def _check_weights(kind: str, weights: Tensor | None, topk_ids: Tensor, tail: bool) -> None:
+    """Weighted (sampled) targets: [n, k] like the ids, float, finite, >= 0; an elementwise
+    kind (no AKL); no renormalized-top-k ablation (there is no top-k to renormalize)."""
+    if weights is None:
+        return
+    check_kind_for_weights(kind)
+    if not tail:
+        raise ValueError("tail=False (renormalized top-k) does not apply to weighted targets")
+    if weights.shape != topk_ids.shape or not weights.is_floating_point():
+        raise ValueError(
+            f"target weights must be a float tensor shaped like the ids {tuple(topk_ids.shape)}, "
+            f"got {weights.dtype} {tuple(weights.shape)}"
+        )
+    if weights.numel() and not bool(((weights >= 0) & torch.isfinite(weights)).all()):
+        raise ValueError("target weights must be finite and >= 0")
 
 
 class _Workspace:
@@ -129,6 +148,17 @@ def _coarsened_student(
     return lq_ids, log_s_tail - log_s, torch.stack([m, log_s], dim=1)
 
 
+def _full_student(zt: Tensor, topk_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Student log-probs at the listed ids from logits already divided by T, no tail.
+
+    `zt` [c, V] (owned) is OVERWRITTEN with exp(zt - m) at every entry. Returns (log q at the
+    ids [c, k], row normalizer [c, 2] (see `_row_norm`))."""
+    z_ids = zt.gather(1, topk_ids)
+    norm = _row_norm(zt, scratch=zt)
+    lq_ids = (z_ids - norm[:, :1]) - norm[:, 1:]
+    return lq_ids, norm
+
+
 class _ChunkForward(NamedTuple):
     div: Tensor  # [c] divergence per row
     norm: Tensor  # [c, 2] row normalizer of z / T (`_row_norm`)
@@ -146,18 +176,29 @@ def _sparse_chunk_forward(
     need_grad: bool,
     reload: Callable[[Tensor], Tensor],
     tail: bool = True,
+    weights: Tensor | None = None,
 ) -> _ChunkForward:
     """Divergence of one chunk of rows. `zt` (student logits / T, owned) is overwritten with
     exp(zt - m) (0 at the ids), which `_assemble_grad` can turn into the logits' gradient.
 
     Besides the logits, the backward needs only the per-row normalizer, log q_tail and G.
     `tail=False`: the divergence of the top-k renormalized on both sides (`renormalized_topk`);
-    G over the tail is then 0 and the same gradient assembly applies."""
-    lq_ids, lq_tail, norm = _coarsened_student(zt, topk_ids, reload)
-    log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
-    log_p = coarsened_teacher(topk_logprobs, lq_tail)
+    G over the tail is then 0 and the same gradient assembly applies.
+    `weights` [c, k]: the importance-weighted estimate over the listed ids (`sampled_divergence`),
+    no tail: G is over the k listed entries only, `zt` becomes exp(zt - m) everywhere (ids
+    included) and lq_tail is unused (zeros)."""
+    if weights is not None:
+        lq_ids, norm = _full_student(zt, topk_ids)
+        log_q = lq_ids
+        lq_tail = lq_ids.new_zeros(lq_ids.shape[0])
+    else:
+        lq_ids, lq_tail, norm = _coarsened_student(zt, topk_ids, reload)
+        log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
+        log_p = coarsened_teacher(topk_logprobs, lq_tail)
 
     def divergence(lq: Tensor) -> Tensor:
+        if weights is not None:
+            return sampled_divergence(kind, topk_logprobs, lq, weights, beta=beta)
         if tail:
             return outcome_divergence(kind, log_p, lq, beta=beta)
         return outcome_divergence(kind, *renormalized_topk(log_p, lq), beta=beta)
@@ -186,6 +227,7 @@ def _assemble_grad(
     ce_scale: Tensor | None = None,
     ce_exp: Tensor | None = None,
     norm_1: Tensor | None = None,
+    weighted: bool = False,
 ) -> Tensor:
     """Gradient w.r.t. the raw logits z [c, V] of sum_rows div_scale * D (+ ce_scale * CE).
 
@@ -200,7 +242,20 @@ def _assemble_grad(
     overwritten and returned as the gradient. q_ids [c, k]: q at the ids. ce_exp: exp(z - m_1)
     (`norm_1`), needed for the CE when T != 1, overwritten. reload(rows): fresh z / T rows,
     for rows whose tail mass is below e^-40 (done in log space there).
+
+    `weighted`: D depends on log q at the k listed ids only (no tail outcome; G is [c, k], ids
+    may repeat): dD/dz_j = (1/T) (sum_{i: id_i = j} G_i - q_j S). e must then hold
+    exp(z / T - m) at the ids too; the id terms are ADDED (scatter_add), so repeated ids
+    accumulate, and lq_tail, q_ids and reload are unused.
     """
+    if weighted:
+        scale = div_scale / temperature
+        coef = -scale * grad_outcomes.sum(-1)
+        if ce_scale is not None and temperature == 1.0:
+            coef = coef + ce_scale  # same softmax: fold the CE's dense part in
+        grad = e.mul_((coef / norm_t[:, 1].exp())[:, None])
+        grad.scatter_add_(1, topk_ids, scale[:, None] * grad_outcomes)
+        return _add_ce(grad, temperature, labels, ce_scale, ce_exp, norm_1)
     k = topk_ids.shape[1]
     g_ids, g_tail = grad_outcomes[:, :k], grad_outcomes[:, k]
     scale = div_scale / temperature
@@ -232,6 +287,18 @@ def _assemble_grad(
     grad.scatter_(1, topk_ids, at_ids)
     if slow_grad is not None:
         grad.index_add_(0, slow_rows, slow_grad)
+    return _add_ce(grad, temperature, labels, ce_scale, ce_exp, norm_1)
+
+
+def _add_ce(
+    grad: Tensor,
+    temperature: float,
+    labels: Tensor | None,
+    ce_scale: Tensor | None,
+    ce_exp: Tensor | None,
+    norm_1: Tensor | None,
+) -> Tensor:
+    """The CE's gradient on top of `grad` (its softmax part already folded in when T = 1)."""
     if ce_scale is not None:
         assert labels is not None
         if temperature != 1.0:
@@ -255,6 +322,7 @@ def _logit_grad(
     ce_scale: Tensor | None = None,
     norm_1: Tensor | None = None,
     scratch: Tensor | None = None,
+    weighted: bool = False,
 ) -> Tensor:
     """`_assemble_grad` from fresh raw logits z [c, V] (owned, overwritten, returned as the
     gradient): the backward's recomputation path. `scratch` (like z) holds the CE's
@@ -281,6 +349,7 @@ def _logit_grad(
         ce_scale=ce_scale,
         ce_exp=ce_exp,
         norm_1=norm_1,
+        weighted=weighted,
     )
 
 
@@ -312,6 +381,7 @@ class _SparseDivergence(torch.autograd.Function):
         chunk_size: int,
         need_grad: bool,
         tail: bool,
+        weights: Tensor | None,
     ) -> Tensor:
         n = student_logits.shape[0]
         dtype = math_dtype(student_logits.dtype)
@@ -333,12 +403,14 @@ class _SparseDivergence(torch.autograd.Function):
                 need_grad,
                 functools.partial(_reload_rows, chunk, temperature),
                 tail,
+                None if weights is None else weights[sl],
             )
             div[sl], norm[sl], lq_tail[sl] = fwd.div, fwd.norm, fwd.lq_tail
             if fwd.grad is not None:
                 grads.append(fwd.grad)
         grad_outcomes = torch.cat(grads) if grads else None
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.weighted = weights is not None
         if need_grad:
             ctx.save_for_backward(student_logits, topk_ids, norm, lq_tail, grad_outcomes)
         return div
@@ -363,8 +435,9 @@ class _SparseDivergence(torch.autograd.Function):
                 grad_outcomes=grad_outcomes[sl],
                 div_scale=grad_div[sl].to(norm.dtype),
                 reload=functools.partial(_reload_rows, student_logits[sl], t),
+                weighted=ctx.weighted,
             )
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def sparse_divergence(
@@ -377,6 +450,7 @@ def sparse_divergence(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     tail: bool = True,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Per-position divergence between the coarsened (k + 1)-outcome distributions -> [N].
 
@@ -394,10 +468,18 @@ def sparse_divergence(
 
     `tail=False`: drop the tail bucket and renormalize both sides over the k ids instead
     (`todi.trainer.divergences.renormalized_topk`, the usual top-k distillation; an ablation).
+
+    `weights` [N, k] (float, >= 0; sampled targets, `Batch.target_weights`): instead, the
+    importance-sampling estimate of the FULL-vocabulary divergence with the teacher as the
+    proposal, sum_i w_i d(p_i, q_i) / p_i over the listed entries
+    (`todi.trainer.divergences.sampled_divergence`): no tail bucket, q from the student's
+    full-vocabulary softmax at T, ids may repeat (their gradients add up), w = 0 entries are
+    padding (no value, no gradient). Not for AKL (ValueError).
     """
     check_kind(kind)
     check_params(beta, temperature)
     _check_sparse(student_logits, topk_ids, topk_logprobs)
+    _check_weights(kind, weights, topk_ids, tail)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -411,6 +493,7 @@ def sparse_divergence(
         int(chunk_size),
         need_grad,
         bool(tail),
+        None if weights is None else weights.detach(),
     )
 
 
@@ -423,6 +506,7 @@ def reference_sparse_divergence(
     beta: float = 1.0,
     temperature: float = 1.0,
     tail: bool = True,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """The same quantity as `sparse_divergence` in plain, unchunked autograd.
 
@@ -431,9 +515,12 @@ def reference_sparse_divergence(
     check_kind(kind)
     check_params(beta, temperature)
     _check_sparse(student_logits, topk_ids, topk_logprobs)
+    _check_weights(kind, weights, topk_ids, tail)
     zt = student_logits.to(math_dtype(student_logits.dtype)) / temperature
     lse = torch.logsumexp(zt, dim=-1)
     lq_ids = zt.gather(1, topk_ids) - lse[:, None]
+    if weights is not None:
+        return sampled_divergence(kind, topk_logprobs.detach(), lq_ids, weights, beta=beta)
     masked = zt.scatter(1, topk_ids, float("-inf"))
     lq_tail = torch.logsumexp(masked, dim=-1) - lse
     log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
@@ -515,6 +602,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         need_grad: tuple[bool, bool, bool],
         kd_weight: float | None,
         tail: bool,
+        weights: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         n, v = hidden.shape[0], weight.shape[0]
         dtype = math_dtype(hidden.dtype, weight.dtype)
@@ -546,7 +634,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     norm_1[sl] = _row_norm(z, ce_exp)  # ce_exp = exp(z - m_1)
                     z.div_(temperature)
                 fwd = _sparse_chunk_forward(
-                    kind, z, topk_ids[sl], topk_logprobs[sl], beta, any_grad, reload, tail
+                    kind,
+                    z,
+                    topk_ids[sl],
+                    topk_logprobs[sl],
+                    beta,
+                    any_grad,
+                    reload,
+                    tail,
+                    None if weights is None else weights[sl],
                 )  # z is now exp(z / T - m)
                 norm_t[sl], lq_tail[sl] = fwd.norm, fwd.lq_tail
                 # CE = logsumexp(z) - z[label] = (m - z[label]) + log-sum.
@@ -570,9 +666,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                         ce_scale=fwd.div.new_full((rows,), 1.0 - kd_weight),
                         ce_exp=ce_exp,
                         norm_1=norm_1[sl],
+                        weighted=weights is not None,
                     )
                     acc.add(sl, gz, h, w)
         ctx.temperature, ctx.chunk_size, ctx.kd_weight = temperature, chunk_size, kd_weight
+        ctx.weighted = weights is not None
         ctx.fused = acc
         if any_grad:
             grad_outcomes = torch.cat(grads) if grads else lq_tail.new_zeros(0, 1)
@@ -588,7 +686,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             ctx.saved_tensors
         )
         t, size = ctx.temperature, ctx.chunk_size
-        nones = (None,) * 10
+        nones = (None,) * 11
         acc: _GradAccumulators | None = ctx.fused
         if acc is not None:
             ctx.fused = None  # once_differentiable: a second backward would need retain_graph
@@ -619,6 +717,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     ce_scale=grad_ce.to(norm_t.dtype).expand(rows),
                     norm_1=norm_1[sl],
                     scratch=work.get("scratch", rows) if t != 1.0 else None,
+                    weighted=ctx.weighted,
                 )
                 acc.add(sl, gz, h, w)
         return (*acc.result(None), *nones)
@@ -705,6 +804,7 @@ def chunked_head_loss(
     ignore_index: int = IGNORE_INDEX,
     kd_weight: float | None = None,
     tail: bool = True,
+    weights: Tensor | None = None,
 ) -> HeadLossParts:
     """Summed CE and sparse divergence of the student's head, without [N, V] logits.
 
@@ -729,6 +829,8 @@ def chunked_head_loss(
       of the two sums still gets the right gradient: backward then recomputes.
     `tail=False`: the divergence of the top-k renormalized on both sides, no tail bucket
     (`todi.trainer.divergences.renormalized_topk`; an ablation, see `sparse_divergence`).
+    `weights` [N, k]: sampled targets, the importance-weighted full-vocabulary estimate instead
+    of the tail bucket (see `sparse_divergence`; `Batch.target_weights` at the counted rows).
     The head matmul runs in the inputs' common dtype (bf16 stays bf16, like the model's own
     head); all softmax / divergence math is float32 and the head's gradient is accumulated in
     float32. Autocast is switched off inside (the dtype rule above decides).
@@ -736,6 +838,7 @@ def chunked_head_loss(
     check_kind(kind)
     check_params(beta, temperature)
     _check_head(hidden, head_weight, head_bias, labels, topk_ids, topk_logprobs)
+    _check_weights(kind, weights, topk_ids, tail)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if kd_weight is not None and not 0.0 <= kd_weight <= 1.0:
@@ -747,6 +850,7 @@ def chunked_head_loss(
         idx = counted.nonzero().squeeze(1)
         hidden, labels = hidden[idx], labels[idx]
         topk_ids, topk_logprobs = topk_ids[idx], topk_logprobs[idx]
+        weights = None if weights is None else weights[idx]
     v = head_weight.shape[0]
     if n_tokens and (int(labels.min()) < 0 or int(labels.max()) >= v):
         raise ValueError(f"labels must lie in [0, {v}) or equal {ignore_index}")
@@ -770,6 +874,7 @@ def chunked_head_loss(
         need_grad,
         None if kd_weight is None else float(kd_weight),
         bool(tail),
+        None if weights is None else weights.detach(),
     )
     return HeadLossParts(ce_sum, div_sum, n_tokens)
 
@@ -787,6 +892,7 @@ def reference_head_loss(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     tail: bool = True,
+    weights: Tensor | None = None,
 ) -> HeadLossParts:
     """The same sums as `chunked_head_loss` the naive way: full [N, V] logits, plain autograd.
 
@@ -804,5 +910,6 @@ def reference_head_loss(
         beta=beta,
         temperature=temperature,
         tail=tail,
+        weights=None if weights is None else weights[idx],
     )
     return HeadLossParts(ce_sum, div.sum(), int(idx.numel()))
