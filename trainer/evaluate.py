@@ -12,6 +12,16 @@ tail bucket; the student through its logits z, at the same T:
     top1_agreement = [argmax_v z_v == S_1]   (the teacher's rank-1 id; independent of T)
     ce    = -log softmax(z)_{x[t+1]}         (at T = 1, on the shard's token, the label)
     perplexity = exp(ce)                     (of the token-weighted mean ce)
+    ece   = expected calibration error of the student's top-1 confidence at T = 1 against
+            the label: 15 equal-width bins b = ((b-1)/15, b/15] of conf = max_v softmax(z)_v,
+            ECE = sum_b (n_b / n) |acc_b - conf_b| (acc_b: share of argmax_v z_v == label,
+            conf_b: mean conf in bin b); `calibration` holds the bins' counts, acc and conf.
+
+Sampled targets (batches with `target_weights`, docs/method.md "Sampled targets"): fkl, rkl
+and todi are the importance-sampling estimates of the FULL-vocabulary divergences from the
+listed ids and weights (`sparse_divergence(weights=)`, no tail bucket); the teacher's top-1 is
+the listed (w > 0) id with the largest log-prob, and teacher_topk_mass is the teacher mass of
+the distinct listed ids.
 
 With a full-vocabulary teacher (`reference=FullVocabTeacher(...)`, `todi eval
 --full-vocab-teacher DIR`), the teacher runs at evaluation time and the same positions also
@@ -44,7 +54,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +66,8 @@ from todi.trainer.chunked import sparse_divergence
 from todi.trainer.data import padding_row
 
 DIVERGENCE_KINDS = ("fkl", "rkl", "todi")
+ECE_BINS = 15
+"""Equal-width confidence bins on [0, 1] for the expected calibration error."""
 DEFAULT_MAX_TOKENS = 2048
 # Positions per head chunk here: half the training default (chunked.DEFAULT_CHUNK_SIZE, 1024),
 # since evaluation holds the [chunk, V] buffers of three divergences at once.
@@ -181,6 +193,79 @@ class FullVocabTeacher:
         return out
 
 
+class Calibration:
+    """Running calibration bins of the top-1 confidence at T = 1 (`ECE_BINS` equal-width bins:
+    bin b holds confidences in (b / bins, (b + 1) / bins], b = 0 .. bins - 1).
+
+        conf_n = max_v softmax(z_n)_v,  correct_n = [argmax_v z_n,v == label_n]
+        ECE    = sum_b (n_b / n) |acc_b - conf_b|   (acc_b, conf_b: means over bin b)
+    """
+
+    def __init__(self, bins: int = ECE_BINS) -> None:
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        self.bins = bins
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.conf_sum = torch.zeros(bins, dtype=torch.float64)
+        self.correct = torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add positions: student logits [n, V] (T = 1) and their labels [n] (long)."""
+        z = logits.float()
+        top, pred = z.max(dim=-1)
+        conf = (top - torch.logsumexp(z, dim=-1)).exp().double().cpu()
+        b = (conf * self.bins).ceil().long().sub_(1).clamp_(0, self.bins - 1)
+        self.count += torch.bincount(b, minlength=self.bins).double()
+        self.conf_sum += torch.bincount(b, weights=conf, minlength=self.bins)
+        hit = (pred == labels).double().cpu()
+        self.correct += torch.bincount(b, weights=hit, minlength=self.bins)
+
+    @property
+    def ece(self) -> float:
+        n = float(self.count.sum())
+        if n == 0:
+            return math.nan
+        return float((self.correct - self.conf_sum).abs().sum()) / n
+
+    def result(self) -> dict[str, Any]:
+        """{"ece", "bins", "count", "accuracy", "confidence"} (per-bin lists; None where empty)."""
+
+        def mean(total: torch.Tensor) -> list[float | None]:
+            return [
+                float(t / c) if c > 0 else None
+                for t, c in zip(total.tolist(), self.count.tolist(), strict=True)
+            ]
+
+        return {
+            "ece": self.ece,
+            "bins": self.bins,
+            "count": [int(c) for c in self.count.tolist()],
+            "accuracy": mean(self.correct),
+            "confidence": mean(self.conf_sum),
+        }
+
+
+def expected_calibration_error(
+    logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS
+) -> dict[str, Any]:
+    """`Calibration.result()` of one set of positions: logits [n, V] at T = 1, labels [n]."""
+    cal = Calibration(bins)
+    cal.add(logits, labels)
+    return cal.result()
+
+
+def _listed_teacher_mass(
+    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Teacher mass of the DISTINCT listed ids of sampled targets, per row: [n, k] -> [n]
+    (float64). An id listed twice counts once; padding (w = 0) not at all."""
+    ids = torch.where(weights > 0, topk_ids, torch.full_like(topk_ids, -1))
+    ids, order = ids.sort(dim=-1)
+    keep = ids >= 0
+    keep[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    return (topk_logprobs.gather(1, order).double().exp() * keep).sum(-1)
+
+
 @dataclass
 class _Sums:
     """Running float64 sums over response tokens (turned into means once, at the end)."""
@@ -194,8 +279,10 @@ class _Sums:
     ce: float = 0.0
     agree: int = 0
     topk_mass: float = 0.0
+    weighted: bool = False  # some batch had sampled targets (target_weights)
     tokens: int = 0
     samples: int = 0
+    calibration: Calibration = field(default_factory=Calibration)
 
 
 def _position_stats(
@@ -207,18 +294,34 @@ def _position_stats(
     *,
     beta: float,
     temperature: float,
+    weights: torch.Tensor | None = None,
 ) -> None:
-    """Add one chunk of positions (student logits z [c, V]) to `sums`."""
+    """Add one chunk of positions (student logits z [c, V]) to `sums`; `weights` [c, k]:
+    sampled targets (module docstring)."""
     for kind in DIVERGENCE_KINDS:
         d = sparse_divergence(
-            kind, z, topk_ids, topk_lps, beta=beta, temperature=temperature, chunk_size=len(z)
+            kind,
+            z,
+            topk_ids,
+            topk_lps,
+            beta=beta,
+            temperature=temperature,
+            chunk_size=len(z),
+            weights=weights,
         )
         setattr(sums, kind, getattr(sums, kind) + float(d.double().sum()))
     zf = z.float()
     ce = torch.logsumexp(zf, dim=-1) - zf.gather(1, labels[:, None]).squeeze(1)
     sums.ce += float(ce.double().sum())
-    sums.agree += int((zf.argmax(dim=-1) == topk_ids[:, 0]).sum())
-    sums.topk_mass += float(topk_lps.double().exp().sum())
+    if weights is None:
+        teacher_top1 = topk_ids[:, 0]
+        sums.topk_mass += float(topk_lps.double().exp().sum())
+    else:
+        listed_lps = torch.where(weights > 0, topk_lps, torch.full_like(topk_lps, -math.inf))
+        teacher_top1 = topk_ids.gather(1, listed_lps.argmax(dim=-1, keepdim=True)).squeeze(1)
+        sums.topk_mass += float(_listed_teacher_mass(topk_ids, topk_lps, weights).sum())
+    sums.agree += int((zf.argmax(dim=-1) == teacher_top1).sum())
+    sums.calibration.add(zf, labels)
     sums.tokens += len(z)
 
 
@@ -254,7 +357,9 @@ def evaluate_shards(
     `full_logits` takes the model's own [B, T, V] logits instead of the chunked head (the
     fallback path, for models without a linear head; same values). Returns a
     JSON-ready dict: fkl, rkl, todi, top1_agreement, ce, perplexity, teacher_topk_mass (mean
-    stored top-k mass), tokens, samples, beta, temperature, top_k, seconds, tokens_per_second;
+    stored top-k mass; sampled targets: of the distinct listed ids), ece and calibration
+    (`Calibration`), sampled_targets (whether the targets carried weights), tokens, samples,
+    beta, temperature, top_k, seconds, tokens_per_second;
     with `reference` also full_fkl, full_rkl, full_top1_agreement (module docstring).
     """
     if isinstance(shard_set, str | os.PathLike):
@@ -348,6 +453,9 @@ def evaluate_batches(
         "ce": ce,
         "perplexity": math.exp(ce) if ce < 700 else math.inf,
         "teacher_topk_mass": sums.topk_mass / n,
+        "ece": sums.calibration.ece,
+        "calibration": sums.calibration.result(),
+        "sampled_targets": sums.weighted,
         "tokens": n,
         "samples": sums.samples,
         "beta": float(beta),
@@ -366,6 +474,7 @@ def _first_samples(batch: Batch, keep: int) -> Batch:
         batch.topk_ids[:keep],
         batch.topk_logprobs[:keep],
         batch.sample_ids[:keep],
+        None if batch.target_weights is None else batch.target_weights[:keep],
     )
 
 
@@ -402,6 +511,10 @@ def _batch_stats(
     if top is not None:
         raise EvalError(f"teacher top-k id {top} is a padding row (vocabulary limit {v_lim})")
     topk_lps = batch.topk_logprobs[:, :width][rows, cols]
+    weights = None
+    if batch.target_weights is not None:
+        weights = batch.target_weights[:, :width][rows, cols]
+        sums.weighted = True
     labels = batch.labels[:, :width][rows, cols]
     rows, cols = rows.to(device), cols.to(device)
     if head is not None:
@@ -426,6 +539,7 @@ def _batch_stats(
             sums,
             beta=beta,
             temperature=temperature,
+            weights=None if weights is None else weights[sl].to(device),
         )
         if teacher_lp is not None:
             _full_vocab_stats(z, teacher_lp[sl], sums)
@@ -746,6 +860,7 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("shards", "top1_agreement", "top-1 agreement"),
     ("shards", "ce", "CE (labels, T=1)"),
     ("shards", "perplexity", "perplexity"),
+    ("shards", "ece", "ECE (top-1, T=1, 15 bins)"),
     ("shards", "tokens", "response tokens"),
     ("shards", "full_fkl", "full-vocab FKL (T=1)"),
     ("shards", "full_rkl", "full-vocab RKL (T=1)"),

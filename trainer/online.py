@@ -148,7 +148,10 @@ class OnlineTeacher:
         return out
 
     def fill(self, batch: Batch, *, quantize: bool | None = None) -> Batch:
-        """The same batch with the teacher's live top-k in place of the stored one."""
+        """The same batch with the teacher's live top-k in place of the stored one.
+
+        The live targets are top-k (or all V ids): any stored sampled-target weights are
+        dropped with the stored ids (`target_weights=None`, the k ids + tail path)."""
         ids, lps = self.targets(batch, quantize=quantize)
         return Batch(
             batch.input_ids,
@@ -157,6 +160,7 @@ class OnlineTeacher:
             ids,
             lps,
             list(batch.sample_ids),
+            target_weights=None,
         )
 
     def close(self) -> None:

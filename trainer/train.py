@@ -154,6 +154,7 @@ class StudentObjective(nn.Module):
         labels: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_logprobs: torch.Tensor,
+        target_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         body, weight, bias = body_and_head(self.model)
         dev = input_ids.device.type
@@ -178,6 +179,7 @@ class StudentObjective(nn.Module):
             chunk_size=self.chunk_size,
             kd_weight=self.kd_weight,
             tail=self.tail,
+            weights=None if target_weights is None else target_weights[mask],
         )
         return parts.ce_sum, parts.div_sum
 
@@ -185,9 +187,9 @@ class StudentObjective(nn.Module):
 def batch_sums(objective: nn.Module, batch: Batch, device: torch.device | str = "cpu"):
     """(CE sum, divergence sum) of one batch through `objective` (a StudentObjective or DDP)."""
     b = batch.to(device)
-    if b.target_weights is not None:  # until the weighted estimator is wired in (#18)
-        raise TrainError("sampled targets: the weighted estimator is not in this trainer yet")
-    return objective(b.input_ids, b.attention_mask, b.labels, b.topk_ids, b.topk_logprobs)
+    return objective(
+        b.input_ids, b.attention_mask, b.labels, b.topk_ids, b.topk_logprobs, b.target_weights
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -680,7 +682,7 @@ class _Worker:
             max_samples=cfg.eval_max_samples,
             tokenizer=self.tokenizer,
         )
-        keys = ("fkl", "rkl", "todi", "top1_agreement", "ce", "teacher_topk_mass", "seconds")
+        keys = ("fkl", "rkl", "todi", "top1_agreement", "ce", "teacher_topk_mass", "ece", "seconds")
         return {f"eval_{k}": float(metrics[k]) for k in keys}
 
     def _report(self, metrics: dict[str, Any], save: bool) -> None:
