@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,11 +26,13 @@ from todi.storage.fingerprints import tokenizer_fingerprint, weights_fingerprint
 from todi.trainer.divergences import dense_divergence
 from todi.trainer.eval_cli import register
 from todi.trainer.evaluate import (
+    ECE_BINS,
     EvalError,
     FullVocabTeacher,
     encode_prompt,
     evaluate_batches,
     evaluate_shards,
+    expected_calibration_error,
     load_model,
     read_reference_rows,
     rouge_l_eval,
@@ -221,6 +224,86 @@ def test_full_vocab_metrics_against_the_teacher_run_here(teacher, student, data)
     assert "full_fkl" not in evaluate_shards(s_model, data["heldout"], max_samples=1)
 
 
+def _logits_with_confidence(conf: float, n: int) -> torch.Tensor:
+    """n rows over 4 tokens whose top-1 (token 0) has softmax probability `conf`."""
+    row = torch.tensor([conf] + [(1 - conf) / 3] * 3, dtype=torch.float64).log()
+    return row.expand(n, 4).clone()
+
+
+def test_ece_known_answer():
+    """15 equal-width bins (b/15, (b+1)/15]. 10 positions at confidence 0.9 (bin 13) with 6
+    right, 10 at 0.5 (bin 7) with 5 right, 5 at 0.3 (bin 4) with none right:
+    ECE = (10 * |0.6 - 0.9| + 10 * 0 + 5 * |0 - 0.3|) / 25 = 0.18."""
+    parts = [_logits_with_confidence(c, n) for c, n in ((0.9, 10), (0.5, 10), (0.3, 5))]
+    logits = torch.cat(parts)
+    labels = torch.tensor([0] * 6 + [1] * 4 + [0] * 5 + [2] * 5 + [3] * 5)
+    got = expected_calibration_error(logits, labels)
+    assert got["ece"] == pytest.approx(0.18, abs=1e-12)
+    assert got["bins"] == ECE_BINS == 15 and sum(got["count"]) == 25
+    assert [i for i, c in enumerate(got["count"]) if c] == [4, 7, 13]
+    assert got["count"][13] == 10 and got["accuracy"][13] == pytest.approx(0.6)
+    assert got["confidence"][13] == pytest.approx(0.9) and got["accuracy"][4] == 0.0
+    assert got["accuracy"][0] is None and got["confidence"][0] is None
+    # Calibrated (accuracy = confidence in every bin) is 0; a sure, always-wrong model is 1.
+    right = expected_calibration_error(_logits_with_confidence(0.5, 4), torch.tensor([0, 0, 1, 1]))
+    assert right["ece"] == pytest.approx(0.0, abs=1e-12)
+    sure = torch.tensor([[60.0, 0.0, 0.0]]).expand(3, 3)
+    wrong = expected_calibration_error(sure, torch.tensor([1, 2, 1]))
+    assert wrong["ece"] == pytest.approx(1.0) and wrong["count"][14] == 3
+    # Bins are right-closed: confidence exactly 1 is in the last bin (60 nats: q = 1 in float32).
+    assert wrong["confidence"][14] == 1.0
+
+
+def test_ece_of_a_real_student_and_sampled_targets(student, student_metrics, data):
+    """ECE of the 2-layer student over the held-out labels, recomputed here from the model's
+    own logits; and the same samples as sampled targets (w = p on the stored ids: the exact
+    head of a hybrid without draws), whose fkl/rkl estimate is sum_i p_i d_i / p_i over the
+    listed ids, recomputed here too."""
+    model, tok = student
+    confs, hits, fkl, rkl = [], [], 0.0, 0.0
+    with torch.inference_mode():
+        for sample in data["samples"]:
+            ids = torch.from_numpy(sample.input_ids.astype(np.int64))[None]
+            start = first_position(sample.prompt_len)
+            pos = slice(start, len(sample.input_ids) - 1)
+            z = model(input_ids=ids).logits[0, pos].double()
+            lq = torch.log_softmax(z, -1)
+            confs += lq.exp().amax(-1).tolist()
+            hits += (z.argmax(-1) == ids[0, start + 1 :]).tolist()
+            top = torch.from_numpy(sample.topk_ids.astype(np.int64))
+            lp = torch.from_numpy(sample.topk_logprobs).double()
+            lq_top = lq.gather(1, top)
+            fkl += float((lp.exp() * (lp - lq_top)).sum())
+            rkl += float((lq_top.exp() * (lq_top - lp)).sum())
+    n = len(confs)
+    ece = 0.0
+    for b in range(15):
+        idx = [i for i, c in enumerate(confs) if b / 15 < c <= (b + 1) / 15]
+        if idx:
+            acc = sum(hits[i] for i in idx) / len(idx)
+            conf = sum(confs[i] for i in idx) / len(idx)
+            ece += len(idx) / n * abs(acc - conf)
+    m = student_metrics
+    assert m["tokens"] == n and sum(m["calibration"]["count"]) == n
+    assert m["ece"] == pytest.approx(ece, abs=1e-5) and 0 < m["ece"] < 1
+    assert not m["sampled_targets"]
+
+    def weighted(batches):
+        for b in batches:
+            yield dataclasses.replace(b, target_weights=b.topk_logprobs.exp())
+
+    got = evaluate_batches(
+        model, weighted(iter_batches(data["samples"], batch_size=2)), data["meta"], tokenizer=tok
+    )
+    assert got["sampled_targets"] and got["tokens"] == n
+    assert got["fkl"] == pytest.approx(fkl / n, rel=1e-4)
+    assert got["rkl"] == pytest.approx(rkl / n, rel=1e-4)
+    plain = evaluate_batches(model, iter_batches(data["samples"], batch_size=2), data["meta"])
+    assert got["teacher_topk_mass"] == pytest.approx(plain["teacher_topk_mass"], rel=1e-6)
+    assert got["top1_agreement"] == plain["top1_agreement"]
+    assert got["ece"] == pytest.approx(ece, abs=1e-5)
+
+
 def test_rouge_l_of_the_teacher_is_reproducible(teacher, data):
     model, tok = teacher
     rows = read_reference_rows(data["prompts"])
@@ -262,7 +345,7 @@ def test_cli_writes_json_and_table(teacher_dir, data, student_metrics, teacher_m
     result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output
     assert "top-1 agreement" in result.stdout and "ROUGE-L" in result.stdout
-    assert "full-vocab FKL" in result.stdout
+    assert "full-vocab FKL" in result.stdout and "ECE" in result.stdout
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"student", "teacher"}
     assert report["metrics"] == report["models"]["student"]["shards"]
@@ -270,7 +353,7 @@ def test_cli_writes_json_and_table(teacher_dir, data, student_metrics, teacher_m
     assert report["metadata"] == json.loads(json.dumps(open_shard_set(data["heldout"]).metadata))
     for name, ref in (("student", student_metrics), ("teacher", teacher_metrics)):
         got = report["models"][name]["shards"]
-        for key in ("fkl", "todi", "ce", "top1_agreement", "tokens"):
+        for key in ("fkl", "todi", "ce", "top1_agreement", "tokens", "ece"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (name, key)
         assert (got["full_fkl"] < 1e-5) == (name == "teacher"), (name, got["full_fkl"])
         gen = report["models"][name]["generation"]

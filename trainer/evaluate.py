@@ -211,7 +211,7 @@ class Calibration:
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add positions: student logits [n, V] (T = 1) and their labels [n] (long)."""
-        z = logits.float()
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
         top, pred = z.max(dim=-1)
         conf = (top - torch.logsumexp(z, dim=-1)).exp().double().cpu()
         b = (conf * self.bins).ceil().long().sub_(1).clamp_(0, self.bins - 1)
