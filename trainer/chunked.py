@@ -9,6 +9,9 @@ tail log-mass and G = dD/dlog q over the k + 1 outcomes, from `outcome_divergenc
 autograd), and the logits' gradient is assembled from them in closed form (`_assemble_grad`).
 
 - `sparse_divergence`: from logits [N, V]; backward recomputes each chunk's softmax;
+  with `weights` (sampled targets) the outcomes are the k listed ids only (no tail), and the
+  gradient is dD/dz_j = (1/T)(sum_{i: id_i = j} G_i - q_j sum_i G_i), accumulated over
+  repeated ids;
 - `chunked_head_loss`: from the last hidden state and the head, CE + divergence; the gradients
   of hidden and head come chunk by chunk too, either during forward, for the weighting
   `kd_weight` that the caller announces (Liger-style; backward only scales them), or in

@@ -12,10 +12,16 @@ The math is `docs/method.md`. Everything is built on one core,
   Neither side is renormalized over the top-k and the tail is never dropped: that keeps the
   reverse-KL pressure on tokens the student overrates outside the teacher's top-k.
 
-So every divergence has exactly one implementation (a small pure function below), and the
-sparse form equals the dense form when k = V. The chunking engine that applies any of them to
-[N, V] logits without holding them whole is `todi.trainer.chunked`; it uses this module's
-public names only.
+- sampled (`sampled_divergence`, `sparse_divergence(weights=)`): the outcomes are k listed
+  ids with weights w (sampled teacher targets), and the per-outcome terms estimate the
+  full-vocabulary sum by importance sampling with the teacher as proposal,
+      D_hat = sum_i w_i d(p_i, q_i) / p_i        (no tail bucket; not for AKL)
+
+So every divergence has exactly one implementation (a small pure function of the log-probs and
+of the two masses weighting its p-side and q-side, `_TERMS`; AKL apart), and the sparse and
+sampled forms equal the dense form when k = V (sampled: with w = p). The chunking engine that
+applies any of them to [N, V] logits without holding them whole is `todi.trainer.chunked`; it
+uses this module's public names only.
 
 Conventions shared by all divergences (rows = positions, last dim = outcomes):
 - inputs are log-probabilities; math runs in float32 (float64 stays float64, `math_dtype`);

@@ -70,8 +70,9 @@ def eval_command(
     max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Per-token FKL/RKL/ToDi, top-1 agreement and CE/perplexity on held-out shards; with
-    --generate, ROUGE-L of sampled answers over several seeds. Prints a table; writes JSON."""
+    """Per-token FKL/RKL/ToDi, top-1 agreement, CE/perplexity and calibration (ECE, 15 bins)
+    on held-out shards; with --generate, ROUGE-L of sampled answers over several seeds. Prints
+    a table; writes JSON."""
     from transformers.utils import logging as hf_logging
 
     from todi.trainer.evaluate import GenerateOptions, evaluate
