@@ -376,6 +376,12 @@ def test_refusals():
             impl("todi", student, ids, lps, weights=-w)
         with pytest.raises(ValueError, match="shaped like the ids"):
             impl("todi", student, ids, lps, weights=w[:, :-1])
+        with pytest.raises(ValueError, match="finite teacher log-prob"):
+            impl("todi", student, ids, lps.index_fill(1, torch.tensor([2]), -math.inf), weights=w)
+        # Padding may hold anything; and k > V is fine when ids repeat (draws listed singly).
+        impl("todi", student, ids, lps.index_fill(1, torch.tensor([8]), -math.inf), weights=w)
+        many = ids.repeat(1, 7)
+        impl("todi", student, many, lps.repeat(1, 7), weights=w.repeat(1, 7) / 7)
     with pytest.raises(ValueError, match="not a sum of per-token terms"):
         check_kind_for_weights("akl")
     for kind in ELEMENTWISE_KINDS:

@@ -53,14 +53,18 @@ DEFAULT_CHUNK_SIZE: Final = 1024
 _FAST_TAIL_LOG: Final = 40.0
 
 
-def _check_sparse(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> None:
+def _check_sparse(
+    student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, repeats: bool = False
+) -> None:
     if student_logits.dim() != 2:
         raise ValueError(f"student logits must be [N, V], got {tuple(student_logits.shape)}")
-    _check_topk(topk_ids, topk_logprobs, *student_logits.shape)
+    _check_topk(topk_ids, topk_logprobs, *student_logits.shape, repeats=repeats)
 
 
-def _check_topk(topk_ids: Tensor, topk_logprobs: Tensor, n: int, v: int) -> None:
-    """topk_ids [n, k] (long, k <= v) and topk_logprobs of the same shape."""
+def _check_topk(
+    topk_ids: Tensor, topk_logprobs: Tensor, n: int, v: int, repeats: bool = False
+) -> None:
+    """topk_ids [n, k] (long, k <= v unless ids may `repeat`) and topk_logprobs alike."""
     if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape != topk_logprobs.shape:
         raise ValueError(
             f"expected top-k ids and log-probs of shape [{n}, k], got "
@@ -68,13 +72,16 @@ def _check_topk(topk_ids: Tensor, topk_logprobs: Tensor, n: int, v: int) -> None
         )
     if topk_ids.dtype != torch.long:
         raise ValueError(f"top-k ids must be int64 (torch.long), got {topk_ids.dtype}")
-    if topk_ids.shape[1] > v:
+    if topk_ids.shape[1] > v and not repeats:
         raise ValueError(f"k = {topk_ids.shape[1]} exceeds the vocabulary size {v}")
 
 
-def _check_weights(kind: str, weights: Tensor | None, topk_ids: Tensor, tail: bool) -> None:
-    """Weighted (sampled) targets: [n, k] like the ids, float, finite, >= 0; an elementwise
-    kind (no AKL); no renormalized-top-k ablation (there is no top-k to renormalize)."""
+def _check_weights(
+    kind: str, weights: Tensor | None, topk_ids: Tensor, topk_logprobs: Tensor, tail: bool
+) -> None:
+    """Weighted (sampled) targets: [n, k] like the ids, float, finite, >= 0, with a finite
+    teacher log-prob wherever w > 0 (a drawn id has p > 0); an elementwise kind (no AKL); no
+    renormalized-top-k ablation (there is no top-k to renormalize)."""
     if weights is None:
         return
     check_kind_for_weights(kind)
@@ -85,8 +92,11 @@ def _check_weights(kind: str, weights: Tensor | None, topk_ids: Tensor, tail: bo
             f"target weights must be a float tensor shaped like the ids {tuple(topk_ids.shape)}, "
             f"got {weights.dtype} {tuple(weights.shape)}"
         )
-    if weights.numel() and not bool(((weights >= 0) & torch.isfinite(weights)).all()):
-        raise ValueError("target weights must be finite and >= 0")
+    ok = (weights >= 0) & torch.isfinite(weights) & (torch.isfinite(topk_logprobs) | (weights == 0))
+    if weights.numel() and not bool(ok.all()):
+        raise ValueError(
+            "target weights must be finite and >= 0, with a finite teacher log-prob where > 0"
+        )
 
 
 class _Workspace:
@@ -481,8 +491,8 @@ def sparse_divergence(
     """
     check_kind(kind)
     check_params(beta, temperature)
-    _check_sparse(student_logits, topk_ids, topk_logprobs)
-    _check_weights(kind, weights, topk_ids, tail)
+    _check_sparse(student_logits, topk_ids, topk_logprobs, repeats=weights is not None)
+    _check_weights(kind, weights, topk_ids, topk_logprobs, tail)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -517,8 +527,8 @@ def reference_sparse_divergence(
     chunked path is checked and benchmarked against, not for training."""
     check_kind(kind)
     check_params(beta, temperature)
-    _check_sparse(student_logits, topk_ids, topk_logprobs)
-    _check_weights(kind, weights, topk_ids, tail)
+    _check_sparse(student_logits, topk_ids, topk_logprobs, repeats=weights is not None)
+    _check_weights(kind, weights, topk_ids, topk_logprobs, tail)
     zt = student_logits.to(math_dtype(student_logits.dtype)) / temperature
     lse = torch.logsumexp(zt, dim=-1)
     lq_ids = zt.gather(1, topk_ids) - lse[:, None]
@@ -778,6 +788,7 @@ def _check_head(
     labels: Tensor,
     topk_ids: Tensor,
     topk_logprobs: Tensor,
+    repeats: bool = False,
 ) -> None:
     if hidden.dim() != 2 or head_weight.dim() != 2 or hidden.shape[1] != head_weight.shape[1]:
         raise ValueError(
@@ -789,7 +800,7 @@ def _check_head(
         raise ValueError(f"head bias must be [{v}], got {tuple(head_bias.shape)}")
     if tuple(labels.shape) != (n,) or labels.dtype != torch.long:
         raise ValueError(f"labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
-    _check_topk(topk_ids, topk_logprobs, n, v)
+    _check_topk(topk_ids, topk_logprobs, n, v, repeats=repeats)
 
 
 def chunked_head_loss(
@@ -840,8 +851,10 @@ def chunked_head_loss(
     """
     check_kind(kind)
     check_params(beta, temperature)
-    _check_head(hidden, head_weight, head_bias, labels, topk_ids, topk_logprobs)
-    _check_weights(kind, weights, topk_ids, tail)
+    _check_head(
+        hidden, head_weight, head_bias, labels, topk_ids, topk_logprobs, weights is not None
+    )
+    _check_weights(kind, weights, topk_ids, topk_logprobs, tail)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if kd_weight is not None and not 0.0 <= kd_weight <= 1.0:
