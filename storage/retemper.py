@@ -38,9 +38,9 @@ def temperature_index(meta: ShardSetMetadata, temperature: float) -> int | None:
             return g
     can = ", ".join(f"{t:g}" for t in (meta.temperature, *meta.retemper_temperatures))
     raise ShardFormatError(
-        f"temperature {temperature:g}: the shard set was captured at {meta.temperature:g} and "
-        f"records exact re-tempering to {list(meta.retemper_temperatures) or 'none'}; train at "
-        f"one of {can}, or capture with --retemper {temperature:g} (hf engine)"
+        f"{temperature:g}: the shard set was captured at temperature {meta.temperature:g} and "
+        f"records exact re-tempering to {list(meta.retemper_temperatures) or 'none'}; use one "
+        f"of {can}, or capture with --retemper {temperature:g} (hf engine)"
     )
 
 

@@ -193,7 +193,7 @@ def test_topk_capture_at_t1_retempers_exactly(train_t):
         true_tail = 1 - np.exp(got_want).sum(1)
         assert np.abs(tail - true_tail).max() < 5e-3
     assert temperature_index(meta, 1.0) is None and temperature_index(meta, train_t) == 0
-    with pytest.raises(ShardFormatError, match="records exact re-tempering"):
+    with pytest.raises(ShardFormatError, match="records exact re-tempering to"):
         temperature_index(meta, 3.0)
 
 
@@ -251,7 +251,7 @@ def test_collate_weights_and_format2_round_trip(tmp_path: Path):
     assert (batch.target_weights[~mask] == 0).all()
     hot = collate(list(back.values()), meta=meta, temperature=2.0)
     assert hot.target_weights.shape == batch.target_weights.shape
-    with pytest.raises(ShardFormatError, match="records exact re-tempering"):
+    with pytest.raises(ShardFormatError, match="records exact re-tempering to"):
         collate(list(back.values()), meta=meta, temperature=3.0)
     with pytest.raises(ValueError, match="need the set's metadata"):
         collate(list(back.values()))

@@ -586,3 +586,33 @@ def test_rounding_tie_rule():
     ties[0, 0, :] = -10.859375
     with pytest.raises(AssertionError, match="on a tie"):
         assert_same_quantized(ties, ties, ties, mask)
+
+
+def test_sampled_hybrid_set_trains_retempered(hf_teacher, tiny_student, ray_cluster, tmp_path):
+    """A hybrid set (exact top-4 + 16 draws from the rest) captured at T = 1 with --retemper 2
+    trains at T = 2 through Ray (re-tempered head, importance-weighted draws): finite losses
+    that go down, an exported student. AKL and a temperature the set did not record are
+    refused before Ray starts."""
+    from todi.services.config import JobSpec
+    from todi.services.precompute import run_precompute
+
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(
+        json.dumps({"id": f"s{i}", "prompt": q, "response": a}) + "\n"
+        for i, (q, a) in enumerate(_pairs(24))
+    ))  # fmt: skip
+    spec = JobSpec(dataset=str(rows), out=str(tmp_path / "set"), top_k=4, targets="sampled",
+                   draws=16, sample_seed=1, retemper=[2.0], temperature=1.0)  # fmt: skip
+    assert run_precompute(spec, hf_teacher).state == "succeeded"
+    with pytest.raises(TrainError, match="--loss: divergence 'akl' cannot be trained"):
+        train(_config(tmp_path / "set", tiny_student, tmp_path / "akl", loss="akl"))
+    with pytest.raises(DataError, match="--temperature 3: the shard set was captured at"):
+        train(_config(tmp_path / "set", tiny_student, tmp_path / "t3", temperature=3.0))
+    out = tmp_path / "out"
+    summary = train(_config(tmp_path / "set", tiny_student, out, temperature=2.0, workers=1,
+                            cpus_per_worker=1.0, max_steps=5, checkpoint_every=5))  # fmt: skip
+    records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert summary.steps == 5 and len(records) == 5
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["divergence"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (out / "model" / "config.json").is_file()

@@ -68,6 +68,7 @@ from todi.trainer.data import (
     padding_counts,
     raw_rows,
 )
+from todi.trainer.divergences import check_kind_for_weights
 from todi.trainer.objective import distillation_loss, loss_denominator
 from todi.trainer.online import TeacherFactory
 from todi.trainer.student import (
@@ -939,6 +940,16 @@ def prepare_run(cfg: TrainConfig):
     except (StudentError, OSError, ValueError) as exc:
         raise TrainError(str(exc)) from None
     pairing = check_pairing(shard_set.signature, student, cfg.temperature)
+    if shard_set.signature.targets == "sampled" and not cfg.online_teacher:
+        try:
+            check_kind_for_weights(cfg.loss)
+        except ValueError as exc:
+            raise TrainError(f"--loss: {exc}") from None
+        if cfg.topk_target != "tail":
+            raise TrainError(
+                "--topk-target renormalized: a sampled shard set has no top-k to renormalize "
+                "(its draws estimate the full-vocabulary divergence)"
+            )
     if cfg.online_teacher:
         teacher = describe_student(cfg.online_teacher)
         meta = shard_set.signature
