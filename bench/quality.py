@@ -354,7 +354,7 @@ class Evaluator:
         self.shards = shards / f"heldout-k{cfg.top_k}-T{cfg.temperature:g}"
         model, _ = load_model(teacher)
         self.reference = FullVocabTeacher(model, cache=True)
-        self.rows = read_reference_rows(heldout_jsonl, cfg.rouge_prompts)
+        self.rows = read_reference_rows(heldout_jsonl, max(cfg.rouge_prompts, 1))
 
     def __call__(self, spec: str | Path, *, rouge: bool = True) -> dict[str, Any]:
         from todi.trainer.evaluate import evaluate_shards, load_model, rouge_l_eval
@@ -364,7 +364,7 @@ class Evaluator:
         out = evaluate_shards(
             model, self.shards, beta=self.cfg.beta, tokenizer=tokenizer, reference=self.reference
         )
-        if rouge:
+        if rouge and self.cfg.rouge_prompts > 0:
             out["rouge_l"] = rouge_l_eval(
                 model,
                 tokenizer,
@@ -485,7 +485,7 @@ def _value(result: dict, metric: str) -> float:
     """A held-out metric of a run (NaN where the run predates it, e.g. ECE)."""
     held = result["heldout"]
     if metric == "rouge_l":
-        return float(held["rouge_l"]["rouge_l_mean"])
+        return float(held["rouge_l"]["rouge_l_mean"]) if "rouge_l" in held else math.nan
     return float(held.get(metric, math.nan))
 
 

@@ -353,3 +353,35 @@ def test_real_teacher_sampled_capture_is_reproducible(hf_engine, tmp_path: Path)
         assert sample.topk_ids.shape == (sample.num_positions, 0)
         assert sample.draws.num_positions == sample.num_positions
         assert first_position(sample.prompt_len) == sample.first_position
+
+
+def test_sampled_set_exports_to_axolotl_columns(tmp_path: Path):
+    """A sampled set exports its listed ids with log(w) (RS-KD's sparse target for draws only;
+    head p and weighted draws for the hybrid), mask 1 exactly where w > 0; only the set's own
+    or recorded temperatures."""
+    import datasets
+
+    from todi.storage.export import ExportError, export_hf_dataset
+
+    req = TargetRequest(targets="sampled", top_k=2, draws=10)
+    samples, _ = _samples(req, n=4)
+    meta = _meta(targets="sampled", top_k=2, draws=10, sample_seed=7)
+    with ShardSetWriter(tmp_path / "set", meta) as w:
+        w.write_many(samples)
+    info = export_hf_dataset(str(tmp_path / "set"), tmp_path / "ax")
+    assert info["targets"] == "sampled" and info["renormalized_topk"] is False
+    ds = datasets.load_from_disk(str(tmp_path / "ax"))
+    back = {s.sample_id: s for s in open_shard_set(tmp_path / "set")}
+    for row, sid in zip(ds, [s.sample_id for s in open_shard_set(tmp_path / "set")], strict=True):
+        s = back[sid]
+        ids, _, w = sample_targets(s, meta)
+        first, n = s.first_position, s.num_positions
+        got_ids = np.asarray(row["target_token_ids"])[first : first + n]
+        got_lp = np.asarray(row["target_logprobs"])[first : first + n]
+        mask = np.asarray(row["target_mask"])[first : first + n]
+        assert np.array_equal(mask, (w > 0).astype(np.int8))
+        assert np.array_equal(got_ids[w > 0], ids[w > 0])
+        assert np.allclose(np.exp(got_lp[w > 0]), w[w > 0], rtol=1e-5)
+        assert np.asarray(row["target_mask"])[:first].sum() == 0
+    with pytest.raises(ExportError, match="--temperature 2: the shard set was captured"):
+        export_hf_dataset(str(tmp_path / "set"), tmp_path / "ax2", temperature=2.0)
