@@ -31,6 +31,7 @@ On a GPU machine the same command uses it (`todi train` and evaluation pick CUDA
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -79,6 +80,9 @@ class StudyConfig(BaseModel):
     prompts: str | None = Field(None, description="JSONL prompt/response rows; None: chatterbot")
     heldout: int = 320
     max_prompts: int | None = None  # use the first N prompts only (None: all)
+    # teacher: the teacher answers each prompt (sequence-level KD, as the demo); corpus: the
+    # corpus's own next turn (no generation: the grid compares targets on the same text).
+    answers: str = "teacher"
     answer_tokens: int = 24
     max_seq_len: int = 128
     student_layers: int = 10
@@ -154,6 +158,30 @@ def chatterbot_turns() -> list[str]:
     return out
 
 
+def chatterbot_pairs() -> list[tuple[str, str]]:
+    """(turn, next turn) of every English chatterbot-corpus conversation, deduplicated."""
+    import glob
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("package 'chatterbot_corpus' is missing: pip install chatterbot-corpus")
+    root = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for path in sorted(glob.glob(str(root / "*.yml"))):
+        with open(path, encoding="utf-8") as f:
+            for conversation in yaml.safe_load(f).get("conversations", []) or []:
+                turns = [str(t).strip() for t in conversation or []]
+                for a, b in itertools.pairwise(turns):
+                    if a and b and len(a) < 400 and len(b) < 400 and a.lower() not in seen:
+                        seen.add(a.lower())
+                        out.append((a, b))
+    return out
+
+
 def _read_prompts(path: str) -> list[str]:
     prompts = []
     with open(path, encoding="utf-8") as f:
@@ -176,12 +204,17 @@ def build_data(cfg: StudyConfig, teacher: Path) -> tuple[Path, Path]:
     train, held = data / "train.jsonl", data / "heldout.jsonl"
     if train.is_file() and held.is_file():
         return train, held
-    prompts = _read_prompts(cfg.prompts) if cfg.prompts else chatterbot_turns()
-    prompts = prompts[: cfg.max_prompts]
     t0 = time.monotonic()
-    answers = generate_answers(
-        teacher, prompts, backend=cfg.engine, max_new_tokens=cfg.answer_tokens, seed=cfg.data_seed
-    )
+    if cfg.answers == "corpus" and not cfg.prompts:
+        pairs = chatterbot_pairs()[: cfg.max_prompts]
+        prompts, answers = [a for a, _ in pairs], [b for _, b in pairs]
+    else:
+        prompts = _read_prompts(cfg.prompts) if cfg.prompts else chatterbot_turns()
+        prompts = prompts[: cfg.max_prompts]
+        answers = generate_answers(
+            teacher, prompts, backend=cfg.engine, max_new_tokens=cfg.answer_tokens,
+            seed=cfg.data_seed,
+        )  # fmt: skip
     rows = [
         {"id": f"q{i}", "prompt": p, "response": a}
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
@@ -708,6 +741,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--student-layers", type=int)
     ap.add_argument("--heldout", type=int)
     ap.add_argument("--max-prompts", type=int, help="use the first N prompts only")
+    ap.add_argument("--answers", choices=("teacher", "corpus"), help="who answers the prompts")
+    ap.add_argument("--curve-every", type=int)
+    ap.add_argument("--curve-samples", type=int)
     ap.add_argument("--engine", choices=("hf", "vllm"), help="answers and top-k captures")
     ap.add_argument("--rouge-prompts", type=int)
     ap.add_argument("--results", default=str(RESULTS / "quality.json"))

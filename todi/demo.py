@@ -102,9 +102,9 @@ class LocalService:
             str(self.port),
             "--storage-root",
             str(storage_root),
-            # vLLM serves one temperature per engine (a tempered copy of the teacher).
-            "--temperature",
-            str(temperature),
+            # vLLM serves one temperature per engine (a tempered copy of the teacher); the hf
+            # engine serves any (the job names it).
+            *(() if backend == "hf" else ("--temperature", str(temperature))),
         )
         print("$ todi " + " ".join(cmd[3:]) + f"   (log: {log})", flush=True)
         self._log = open(log, "ab")  # noqa: SIM115 - lives as long as the child process
