@@ -13,7 +13,6 @@ denominator of `todi.trainer.objective` (docs/method.md, "The objective").
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from todi.trainer.chunked import chunked_head_loss
 from todi.trainer.config import TrainConfig
 from todi.trainer.data import padding_counts
 from todi.trainer.objective import distillation_loss, loss_denominator
+from todi.trainer.strategy import clip_grad_norm, grad_sync, unwrap
 from todi.trainer.student import body_and_head
 
 
@@ -72,10 +72,23 @@ class StudentObjective(nn.Module):
 
     @torch.no_grad()
     def restore_padding_rows(self) -> None:
-        """Undo what the optimizer did to the head's padding rows (weight decay)."""
-        if self._padding_rows is not None:
-            _, weight, _ = body_and_head(self.model)
-            weight[self.vocab_limit :].copy_(self._padding_rows)
+        """Undo what the optimizer did to the head's padding rows (weight decay).
+
+        Under FSDP the head is a DTensor sharded on dim 0 (torch.chunk rows per worker): each
+        worker restores the padding rows that fall in its own shard."""
+        if self._padding_rows is None:
+            return
+        _, weight, _ = body_and_head(self.model)
+        limit = int(self.vocab_limit or 0)
+        if not hasattr(weight, "to_local"):
+            weight[limit:].copy_(self._padding_rows)
+            return
+        local = weight.to_local()
+        mesh = weight.device_mesh
+        start = mesh.get_local_rank() * -(-weight.shape[0] // mesh.size())  # chunk rows
+        lo, hi = max(limit, start), min(weight.shape[0], start + local.shape[0])
+        if lo < hi:
+            local[lo - start : hi - start].copy_(self._padding_rows[lo - limit : hi - limit])
 
     def forward(
         self,
@@ -177,16 +190,14 @@ def train_step(
     Every micro-batch's loss uses the same denominator, the step's global token count over
     the world size (`loss_denominator`), so accumulation and DDP averaging together give the
     gradient of the mean over all response tokens of the global batch. Under DDP only the
-    last micro-batch synchronizes gradients (`no_sync` for the others)."""
+    last micro-batch synchronizes gradients (`todi.trainer.strategy.grad_sync`); FSDP
+    reduce-scatters (averages) gradients like DDP's all-reduce, so the same denominator holds."""
     local = sum(b.num_tokens for b in micro_batches)
     denom = loss_denominator(local)
     ce_total = div_total = 0.0
     real = padded = 0
-    ddp = isinstance(objective, nn.parallel.DistributedDataParallel)
     for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if (last or not ddp) else objective.no_sync()
-        with sync:
+        with grad_sync(objective, last=i == len(micro_batches) - 1):
             ce_sum, div_sum = batch_sums(objective, batch, device)
             loss = distillation_loss(ce_sum, div_sum, denom, kd_weight)
             loss.backward()
@@ -196,11 +207,10 @@ def train_step(
         real += r
         padded += p
     params = [p for p in objective.parameters() if p.grad is not None]
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = clip_grad_norm(params, grad_clip if grad_clip > 0 else float("inf"))
     lr = float(scheduler.get_last_lr()[0])
     optimizer.step()
-    inner = objective.module if ddp else objective
+    inner = unwrap(objective)
     if isinstance(inner, StudentObjective):
         inner.restore_padding_rows()
     scheduler.step()

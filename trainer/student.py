@@ -282,3 +282,17 @@ def body_and_head(model):
             "loss needs logits = hidden @ W^T + b"
         )
     return body, head.weight, getattr(head, "bias", None)
+
+
+def decoder_layers(model) -> list:
+    """The student's decoder layers (the units FSDP shards and checkpointing recomputes):
+    the ModuleList of the base model with one entry per hidden layer (`model.layers` for
+    Llama, Qwen2, Mistral, Gemma)."""
+    from torch import nn
+
+    body, _, _ = body_and_head(model)
+    n = int(model.config.get_text_config().num_hidden_layers)
+    for child in body.children():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            return list(child)
+    raise StudentError(f"{type(model).__name__}: no ModuleList of {n} decoder layers found")

@@ -10,6 +10,7 @@ uninterrupted run computes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -20,11 +21,13 @@ import torch
 
 from todi.storage import Batch, ShardSetMetadata
 from todi.trainer.checkpoint import (
+    load_start,
     report_checkpoint,
-    restore_or_build,
+    restore_training_state,
     rng_state,
     set_rng_state,
     write_checkpoint,
+    write_sharded_checkpoint,
 )
 from todi.trainer.config import TrainConfig
 from todi.trainer.data import (
@@ -35,8 +38,21 @@ from todi.trainer.data import (
     raw_rows,
 )
 from todi.trainer.errors import TrainError
-from todi.trainer.step import StepStats, make_optimizer, make_scheduler, train_step
-from todi.trainer.strategy import all_reduce, gather_objects, worker_objective
+from todi.trainer.step import (
+    StepStats,
+    StudentObjective,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
+from todi.trainer.strategy import (
+    all_reduce,
+    gather_objects,
+    is_fsdp,
+    use_bf16,
+    wants_fsdp,
+    wrap_objective,
+)
 
 FAULT_ENV = "TODI_TRAIN_FAULT"
 """Fault injection for tests: `kill:STEP:RANK:MARKER` makes worker RANK SIGKILL itself right
@@ -96,21 +112,41 @@ class _Worker:
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
 
-        self.model, self.tokenizer, state = restore_or_build(lc, cfg, self.world)
-        self.model.to(self.device)
-        self.model.train()
-        self.objective = worker_objective(self.model, cfg, lc, self.device, self.world)
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.scheduler = make_scheduler(
-            self.optimizer, warmup=cfg.warmup_steps, total=lc["total_steps"]
-        )
-        self.step, self.epoch, self.position = 0, 0, 0
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step, self.epoch = state["step"], state["epoch"]
-            self.position = state["positions"][self.rank]
-            set_rng_state(state["rng"][self.rank])
+        checkpoint = ray.train.get_checkpoint()
+        opened = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()
+        with opened as d:
+            d = None if d is None else Path(d)
+            self.model, self.tokenizer, state = load_start(d, lc, cfg, self.world)
+            self.model.to(self.device)
+            self.model.train()
+            self.objective = wrap_objective(
+                StudentObjective(
+                    self.model,
+                    kind=cfg.loss,
+                    beta=cfg.beta,
+                    temperature=lc["temperature"],
+                    chunk_size=cfg.chunk_size,
+                    vocab_limit=lc["vocab_limit"],
+                    # FSDP casts the parameters itself (mixed-precision policy), no autocast
+                    bf16=use_bf16(cfg, self.device) and not wants_fsdp(cfg),
+                    kd_weight=cfg.kd_weight,
+                    tail=cfg.topk_target == "tail",
+                ),
+                cfg,
+                self.device,
+                self.world,
+            )
+            self.sharded = is_fsdp(self.objective)  # checkpoints: every worker writes its part
+            self.optimizer = make_optimizer(self.model, cfg)
+            self.scheduler = make_scheduler(
+                self.optimizer, warmup=cfg.warmup_steps, total=lc["total_steps"]
+            )
+            self.step, self.epoch, self.position = 0, 0, 0
+            if state is not None and d is not None:
+                restore_training_state(d, state, self.objective, self.optimizer, self.scheduler)
+                self.step, self.epoch = state["step"], state["epoch"]
+                self.position = state["positions"][self.rank]
+                set_rng_state(state["rng"][self.rank])
         self.last_saved = self.step if state is not None else -1
 
         self.online = None
@@ -156,7 +192,7 @@ class _Worker:
             and not (max_steps is not None and self.step >= max_steps)
         )
         final = {"step": self.step, "finished": not stopped, "stopped_early": stopped}
-        self._report(final, save=self.last_saved != self.step)
+        self._report(final, save=self.last_saved != self.step, final=True)
         if self.online is not None:
             self.online.close()
 
@@ -293,28 +329,48 @@ class _Worker:
         keys = ("fkl", "rkl", "todi", "top1_agreement", "ce", "teacher_topk_mass", "seconds")
         return {f"eval_{k}": float(metrics[k]) for k in keys}
 
-    def _report(self, metrics: dict[str, Any], save: bool) -> None:
-        """Report `metrics` to Ray Train, with a checkpoint (written by rank 0) if `save`."""
+    def _report(self, metrics: dict[str, Any], save: bool, final: bool = False) -> None:
+        """Report `metrics` to Ray Train, with a checkpoint if `save`: written by rank 0
+        (DDP), or by every worker, each its shards (FSDP; with the gathered HF folder when
+        `final`, the run's last checkpoint)."""
         import ray.train
 
         positions = gather_objects(self.position)
         rngs = gather_objects(rng_state())
-        if self.rank == 0 and save:
-            ckpt_state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "positions": positions,
-                "rng": rngs,
-                "world_size": self.world,
-                "config": self.lc["config"],
-            }
+        ckpt_state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "positions": positions,
+            "rng": rngs,
+            "world_size": self.world,
+            "strategy": "fsdp" if self.sharded else "ddp",
+            "config": self.lc["config"],
+        }
+        name = f"step-{self.step:08d}"
+        if save and self.sharded:
+
+            def write_shards(d: Path) -> None:
+                write_sharded_checkpoint(
+                    d,
+                    self.model,
+                    self.tokenizer,
+                    self.objective,
+                    self.optimizer,
+                    self.scheduler,
+                    ckpt_state,
+                    rank=self.rank,
+                    full_weights=final,
+                )
+
+            report_checkpoint(self.ctx, metrics, name, write_shards, all_ranks=True)
+        elif save and self.rank == 0:
 
             def write(d: Path) -> None:
                 write_checkpoint(
                     d, self.model, self.tokenizer, self.optimizer, self.scheduler, ckpt_state
                 )
 
-            report_checkpoint(self.ctx, metrics, f"step-{self.step:08d}", write)
+            report_checkpoint(self.ctx, metrics, name, write)
         else:
             ray.train.report(metrics, checkpoint=None)
         if save:
