@@ -71,16 +71,17 @@ def _objective(model) -> StudentObjective:
 
 
 def _run(objective, model, rows: slice) -> dict:
-    """STEPS optimizer steps; the global loss per step; then the state bytes of this process
-    measured with the gradients of one more backward in place."""
+    """STEPS optimizer steps on one global batch (so the loss must fall); the global loss per
+    step; then the state bytes of this process, measured with the gradients of one more
+    backward (another batch) in place."""
     from todi.trainer.strategy import all_reduce
 
     optimizer = make_optimizer(model, _cfg())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     losses, norms = [], []
-    for step in range(STEPS):
+    for _ in range(STEPS):
         stats = train_step(
-            objective, [_batch(step, rows)], optimizer, scheduler, kd_weight=0.5, grad_clip=1.0
+            objective, [_batch(0, rows)], optimizer, scheduler, kd_weight=0.5, grad_clip=1.0
         )
         ce, div, n = all_reduce([stats.ce_sum, stats.div_sum, stats.tokens])
         losses.append((0.5 * ce + 0.5 * div) / n)
@@ -102,7 +103,7 @@ def _fsdp_worker(rank: int, world: int, port: int, tied: bool, ckpt: bool, out: 
     try:
         model = _student(tied)
         calls = []
-        model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
         if ckpt:
             enable_gradient_checkpointing(model)
         objective = fully_shard_student(_objective(model), torch.device("cpu"), bf16=False)
@@ -157,7 +158,7 @@ def test_fsdp_two_workers_match_one_process(tied, ckpt, tmp_path):
         assert worker["total"] <= 0.55 * want["bytes"]["total"], (worker, want["bytes"])
         for part in ("params", "grads", "optimizer"):
             assert worker[part] <= 0.55 * want["bytes"][part], (part, worker, want["bytes"])
-    # Checkpointing: layer 0's MLP ran again in each backward (recomputed), else once.
+    # Checkpointing: layer 0's MLP started again in each backward (recomputed), else once.
     passes = STEPS + 1
     assert got["layer_forwards"] == (2 * passes if ckpt else passes)
 
@@ -170,7 +171,7 @@ def test_gradient_checkpointing_keeps_the_curve():
         model = _student(tied=True)
         calls = []
         for layer in model.model.layers:
-            layer.register_forward_hook(lambda *_, c=calls: c.append(1))
+            layer.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
         if ckpt:
             enable_gradient_checkpointing(model)
         result = _run(_objective(model), model, slice(None))
