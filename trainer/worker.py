@@ -305,6 +305,8 @@ class _Worker:
             "teacher_s": teacher_s,
             "elapsed_s": time.perf_counter() - self.t_start,
         }
+        if self.device.type == "cuda":  # this worker's peak since it started (bench/gpu_check.sh)
+            record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.rank == 0 and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
             record.update(self._heldout())
         queue = self.lc["queue"]
