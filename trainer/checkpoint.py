@@ -23,7 +23,7 @@ import torch
 from todi.trainer.config import TrainConfig
 from todi.trainer.errors import TrainError
 from todi.trainer.strategy import barrier
-from todi.trainer.student import build_student, save_student
+from todi.trainer.student import build_student, save_student, tied_keys
 
 STATE_FILE = "trainer_state.pt"
 SHARDED = "sharded"  # FSDP: torch distributed checkpoint of model + optimizer shards
@@ -88,6 +88,10 @@ def write_sharded_checkpoint(
     weights = full_state_dict(model) if full_weights else None
     if rank == 0:
         if weights is not None:
+            # A tied head is saved once, under the embeddings' name, as save_pretrained does
+            # for an unsharded model (the DDP export has the same tensors).
+            tied = tied_keys(model)
+            weights = {k: v for k, v in weights.items() if k not in tied}
             model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
         else:
             model.config.save_pretrained(directory)

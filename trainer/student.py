@@ -226,7 +226,7 @@ def build_student(spec: str | StudentSpec, *, seed: int = 0, dtype=None):
         keep = config.todi_student_of["layers"]
         state = teacher_layer_tensors(parsed.path, keep)
         result = model.load_state_dict(state, strict=False)
-        tied = _tied_keys(model)
+        tied = tied_keys(model)
         missing = [k for k in result.missing_keys if k not in tied]
         if missing or result.unexpected_keys:
             raise StudentError(
@@ -239,7 +239,7 @@ def build_student(spec: str | StudentSpec, *, seed: int = 0, dtype=None):
     return model, tokenizer
 
 
-def _tied_keys(model) -> set[str]:
+def tied_keys(model) -> set[str]:
     """Parameter names that share storage with another (e.g. a head tied to the embeddings)."""
     seen: dict[int, str] = {}
     tied: set[str] = set()
