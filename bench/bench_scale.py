@@ -271,40 +271,54 @@ def _memory_child(args) -> dict:
     return {"seq": args.seq, "ckpt": args.ckpt, "peak_mib": (peak - rss) / 1024, "s": seconds}
 
 
+def _memory_run(seq: int, layers: int, ckpt: bool, args) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # as bench_loss.py
+    cmd = [sys.executable, __file__, "--child", "memory", "--seq", str(seq)]
+    cmd += ["--layers", str(layers), "--chunk", str(args.chunk)]
+    cmd += ["--threads", str(args.threads)] + (["--ckpt"] if ckpt else [])
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_memory(args) -> dict:
+    """Per sequence length: the step's peak above the steady state with `--layers` decoder
+    layers, checkpointing off and on, and with 0 layers (embeddings, final norm and the
+    chunked loss alone: its buffers and the fused head gradient do not depend on the layers).
+    The decoder layers' activation memory = peak - the 0-layer peak."""
     from sizing import activation_bytes, shape
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # as bench_loss.py
-    rows = []
-    for seq in SEQS:
-        for ckpt in (False, True):
-            cmd = [sys.executable, __file__, "--child", "memory", "--seq", str(seq)]
-            cmd += ["--layers", str(args.layers), "--chunk", str(args.chunk)]
-            cmd += ["--threads", str(args.threads)] + (["--ckpt"] if ckpt else [])
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     s = shape(_student_config(args.layers))
-    print(f"{'tokens':>7} {'peak MiB':>9} {'+ckpt':>9} {'ratio':>6} {'s':>6} {'+ckpt s':>8}")
+    print(
+        f"{'tokens':>7} {'peak MiB':>9} {'+ckpt':>7} {'0 layers':>9} {'layers act':>10} "
+        f"{'+ckpt':>7} {'act ratio':>9} {'s':>6} {'+ckpt s':>8} {'t ratio':>7}"
+    )
     table = {}
     for seq in SEQS:
-        off = next(r for r in rows if r["seq"] == seq and not r["ckpt"])
-        on = next(r for r in rows if r["seq"] == seq and r["ckpt"])
-        ratio = on["peak_mib"] / off["peak_mib"]
-        table[seq] = {
+        base = _memory_run(seq, 0, False, args)
+        off = _memory_run(seq, args.layers, False, args)
+        on = _memory_run(seq, args.layers, True, args)
+        act_off, act_on = off["peak_mib"] - base["peak_mib"], on["peak_mib"] - base["peak_mib"]
+        row = {
             "peak_mib": off["peak_mib"],
             "peak_mib_ckpt": on["peak_mib"],
-            "memory_ratio": ratio,
+            "peak_mib_no_layers": base["peak_mib"],
+            "layer_activations_mib": act_off,
+            "layer_activations_mib_ckpt": act_on,
+            "activation_ratio": act_on / act_off,
+            "peak_ratio": on["peak_mib"] / off["peak_mib"],
             "s": off["s"],
             "s_ckpt": on["s"],
             "time_ratio": on["s"] / off["s"],
-            "sizing_activations_mib": seq * s.layers * activation_bytes(s, 4) / 2**20,
-            "sizing_activations_mib_ckpt": seq
+            "sizing_layer_activations_mib": seq * s.layers * activation_bytes(s, 4) / 2**20,
+            "sizing_layer_activations_mib_ckpt": seq
             * (s.layers * 4 * s.hidden + activation_bytes(s, 4))
             / 2**20,
         }
+        table[seq] = row
         print(
-            f"{seq:7d} {off['peak_mib']:9.0f} {on['peak_mib']:9.0f} {ratio:6.2f} "
-            f"{off['s']:6.1f} {on['s']:8.1f}"
+            f"{seq:7d} {off['peak_mib']:9.0f} {on['peak_mib']:7.0f} {base['peak_mib']:9.0f} "
+            f"{act_off:10.0f} {act_on:7.0f} {row['activation_ratio']:9.2f} {off['s']:6.1f} "
+            f"{on['s']:8.1f} {row['time_ratio']:7.2f}"
         )
     return {"layers": args.layers, "chunk": args.chunk, "by_seq": table}
 
