@@ -22,9 +22,10 @@ Sections (`--only fsdp,activations,memory,loss`):
 
 Student: SmolLM2-135M's shape (width 576, vocab 49,152, tied head) with `--layers` decoder
 layers, random weights (memory and numerics do not depend on the values). Prints tables and
-ONE JSON line on stdout; `--save` writes it to bench/results/scale.json with the machine.
+ONE JSON line on stdout (`bench/run_all.py --only scale` stores it as bench/results/scale.json);
+`--save NAME` writes it to bench/results/NAME.json itself.
 
-    .venv/bin/python bench/bench_scale.py [--only ...] [--layers 8] [--save]
+    .venv/bin/python bench/bench_scale.py [--only ...] [--layers 8] [--save NAME]
 """
 
 from __future__ import annotations
@@ -263,12 +264,19 @@ def _memory_child(args) -> dict:
     batch = _batch(1, args.seq, seed=2)
     rss = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     ce, div = batch_sums(objective, batch)
     (0.5 * ce + 0.5 * div).backward()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     peak = _status_kib("VmHWM")
-    return {"seq": args.seq, "ckpt": args.ckpt, "peak_mib": (peak - rss) / 1024, "s": seconds}
+    # CPU seconds too: on a shared machine the wall clock includes waiting for a core
+    return {
+        "seq": args.seq,
+        "ckpt": args.ckpt,
+        "peak_mib": (peak - rss) / 1024,
+        "s": seconds,
+        "cpu_s": cpu,
+    }
 
 
 def _memory_run(seq: int, layers: int, ckpt: bool, args) -> dict:
@@ -290,7 +298,7 @@ def bench_memory(args) -> dict:
     s = shape(_student_config(args.layers))
     print(
         f"{'tokens':>7} {'peak MiB':>9} {'+ckpt':>7} {'0 layers':>9} {'layers act':>10} "
-        f"{'+ckpt':>7} {'act ratio':>9} {'s':>6} {'+ckpt s':>8} {'t ratio':>7}"
+        f"{'+ckpt':>7} {'act ratio':>9} {'s':>6} {'+ckpt s':>8} {'cpu ratio':>9}"
     )
     table = {}
     for seq in SEQS:
@@ -309,6 +317,9 @@ def bench_memory(args) -> dict:
             "s": off["s"],
             "s_ckpt": on["s"],
             "time_ratio": on["s"] / off["s"],
+            "cpu_s": off["cpu_s"],
+            "cpu_s_ckpt": on["cpu_s"],
+            "cpu_time_ratio": on["cpu_s"] / off["cpu_s"],
             "sizing_layer_activations_mib": seq * s.layers * activation_bytes(s, 4) / 2**20,
             "sizing_layer_activations_mib_ckpt": seq
             * (s.layers * 4 * s.hidden + activation_bytes(s, 4))
@@ -318,7 +329,7 @@ def bench_memory(args) -> dict:
         print(
             f"{seq:7d} {off['peak_mib']:9.0f} {on['peak_mib']:7.0f} {base['peak_mib']:9.0f} "
             f"{act_off:10.0f} {act_on:7.0f} {row['activation_ratio']:9.2f} {off['s']:6.1f} "
-            f"{on['s']:8.1f} {row['time_ratio']:7.2f}"
+            f"{on['s']:8.1f} {row['cpu_time_ratio']:9.2f}"
         )
     return {"layers": args.layers, "chunk": args.chunk, "by_seq": table}
 
@@ -355,7 +366,7 @@ def main() -> None:
     parser.add_argument("--fsdp-layers", type=int, default=4)
     parser.add_argument("--fsdp-seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--save", action="store_true", help="bench/results/scale.json")
+    parser.add_argument("--save", help="also write the record to bench/results/SAVE.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
@@ -379,7 +390,7 @@ def main() -> None:
     line = json.dumps(result)
     print(line)
     if args.save:
-        (HERE / "results" / "scale.json").write_text(json.dumps(result, indent=1))
+        (HERE / "results" / f"{args.save}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
              -> storage.commit_shards  (one whole shard per file, committed by the actor)
     driver:  streams the per-shard results (progress, cancel), then marks the set complete.
 
-One engine per actor (`num_gpus=1` each when the cluster has GPUs). The driver tokenizes
+One engine per actor (on a cluster with GPUs each reserves tensor x pipeline parallel size GPUs:
+`actor_resources`). The driver tokenizes
 (rules of `todi.services.datasets`), skips the ids already in whole shards of the output set, and
 stages only the rows still to do, so a re-run (after a cancel, a crash, or a killed driver)
 computes exactly the missing samples, as `todi.services.precompute.run_precompute` does; the
