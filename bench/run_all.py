@@ -1,6 +1,7 @@
 """Run every benchmark at its default size; save each JSON line under bench/results/.
 
-    .venv/bin/python bench/run_all.py [--only storage,codec,loss,teacher,targets,generate,train]
+    .venv/bin/python bench/run_all.py \
+        [--only storage,codec,loss,teacher,targets,generate,train,scale]
 
 Each benchmark prints its own table and ONE JSON line on stdout; this script stores that
 line as bench/results/<name>.json (with the machine it ran on) for the README's table.
@@ -27,6 +28,7 @@ BENCHES = {
     "targets": ["bench_targets.py"],
     "generate": ["bench_generate.py"],
     "train": ["bench_train.py", "--jemalloc-compare"],
+    "scale": ["bench_scale.py"],
 }
 
 

@@ -8,7 +8,8 @@
              -> storage.commit_shards  (one whole shard per file, committed by the actor)
     driver:  streams the per-shard results (progress, cancel), then marks the set complete.
 
-One engine per actor (`num_gpus=1` each when the cluster has GPUs). The driver tokenizes
+One engine per actor (on a cluster with GPUs each reserves tensor x pipeline parallel size GPUs:
+`actor_resources`). The driver tokenizes
 (rules of `todi.services.datasets`), skips the ids already in whole shards of the output set, and
 stages only the rows still to do, so a re-run (after a cancel, a crash, or a killed driver)
 computes exactly the missing samples, as `todi.services.precompute.run_precompute` does; the
@@ -136,6 +137,67 @@ def _actor_backend(backend: str, model: str, options: dict[str, Any]) -> Any:
     return create_backend(backend, model, **options)
 
 
+def engine_gpus(backend: str, options: dict[str, Any]) -> int:
+    """GPUs one teacher engine uses: for vLLM, tensor_parallel_size x pipeline_parallel_size
+    of its `engine_args` (`todi serve -o engine_args='{"tensor_parallel_size": 4}'`); 1 for
+    the other backends (hf runs on one device; remote uses none of the cluster's, but an
+    actor that holds one does no harm and keeps the accounting simple)."""
+    if backend != "vllm":
+        return 1
+    args = options.get("engine_args") or {}
+    return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+
+
+def actor_resources(
+    backend: str,
+    options: dict[str, Any],
+    *,
+    node_gpus: list[float],
+    num_actors: int,
+    actor_num_cpus: float | None = None,
+    actor_num_gpus: float | None = None,
+) -> dict[str, Any]:
+    """The Ray resources of one teacher actor (`num_cpus`, `num_gpus`), checked against the
+    cluster's GPUs (`node_gpus`: per alive node) before anything starts.
+
+    On a cluster with GPUs an actor reserves what its engine needs (`engine_gpus`) unless
+    `actor_num_gpus` says otherwise; on one without, none. One engine runs on one node (its
+    tensor/pipeline workers are processes of the actor), so it must fit on a node; and the
+    pool must fit in the cluster: Ray would otherwise wait for GPUs that never come."""
+    total = float(sum(node_gpus))
+    per = (
+        actor_num_gpus
+        if actor_num_gpus is not None
+        else (engine_gpus(backend, options) if total else 0)
+    )
+    if per and per > max(node_gpus, default=0):
+        raise JobError(
+            f"ray: one teacher engine needs {per:g} GPUs (tensor x pipeline parallel size), "
+            f"but no node of the cluster has that many (GPUs per node: {sorted(node_gpus)})"
+        )
+    if per and num_actors * per > total:
+        raise JobError(
+            f"ray: {num_actors} teacher actors x {per:g} GPUs each = {num_actors * per:g} GPUs, "
+            f"the cluster has {total:g}: use --num-actors {int(total // per)} or fewer"
+        )
+    args: dict[str, Any] = {"num_cpus": actor_num_cpus if actor_num_cpus is not None else 1}
+    if per:
+        args["num_gpus"] = per
+    return args
+
+
+def actor_engine_options(backend: str, options: dict[str, Any], num_gpus: float) -> dict[str, Any]:
+    """The backend options an actor starts its engine with: a vLLM engine over several GPUs
+    runs its workers as processes of the actor (`distributed_executor_backend="mp"`) on the
+    GPUs Ray assigned to the actor, instead of asking Ray for a placement group of its own
+    (which would reserve the same GPUs a second time)."""
+    if backend != "vllm" or num_gpus <= 1:
+        return options
+    args = dict(options.get("engine_args") or {})
+    args.setdefault("distributed_executor_backend", "mp")
+    return {**options, "engine_args": args}
+
+
 def _probe_info(backend: str, model: str, options: dict[str, Any], remote_args: dict) -> Any:
     """Start the backend once in a Ray task to learn its TeacherInfo (fingerprints, limits)."""
     import ray
@@ -236,8 +298,9 @@ def run_ray_precompute(
 
     `info` (the TeacherInfo of the same backend/model, e.g. the service's engine) spares a
     probe task that starts the engine once to learn it; every actor checks that its own
-    engine has the same signature. Each actor reserves `actor_num_gpus` GPUs (default 1 if
-    the cluster has GPUs, else 0) and `actor_num_cpus` CPUs (default 1). The output must be
+    engine has the same signature. Each actor reserves `actor_num_gpus` GPUs (default: what
+    its engine needs when the cluster has GPUs, `engine_gpus`, else 0) and `actor_num_cpus`
+    CPUs (default 1). The output must be
     a filesystem path every node sees (object-store URIs are refused: the actors commit
     their own shards under a file lock). `cancel` is checked whenever a shard comes back.
     """
@@ -262,12 +325,15 @@ def run_ray_precompute(
             on_progress,
             cancel,
         )  # fmt: skip
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    num_gpus = actor_num_gpus if actor_num_gpus is not None else (1 if has_gpus else 0)
-    num_cpus = actor_num_cpus if actor_num_cpus is not None else 1
-    remote_args: dict[str, Any] = {"num_cpus": num_cpus}
-    if num_gpus:
-        remote_args["num_gpus"] = num_gpus
+    remote_args = actor_resources(
+        backend,
+        options,
+        node_gpus=[n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")],
+        num_actors=spec.num_actors,
+        actor_num_cpus=actor_num_cpus,
+        actor_num_gpus=actor_num_gpus,
+    )
+    options = actor_engine_options(backend, options, remote_args.get("num_gpus", 0))
     if info is None:
         info = _probe_info(backend, model, options, remote_args)
     metadata, max_len, progress, report = prepare(spec, info, on_progress)

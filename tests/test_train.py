@@ -4,6 +4,8 @@ The shard set is written by the real teacher through the `hf` backend (`train_sh
 students are `init:teacher=<teacher>,layers=2`. One uninterrupted 2-worker run is the
 reference: a run stopped and resumed, whose resumed part also loses a worker (SIGKILL) and
 is restarted from its last checkpoint by Ray Train, must end with the same parameters.
+Each of those runs once per strategy: DDP and FSDP (`--strategy fsdp`: sharded parameters,
+gradients, optimizer state and checkpoints); the FSDP curve equals the DDP curve.
 """
 
 from __future__ import annotations
@@ -452,11 +454,29 @@ def reference_run(ray_cluster, train_shards, tiny_student, tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="module")
+def fsdp_reference_run(ray_cluster, train_shards, tiny_student, tmp_path_factory):
+    """The reference run under FSDP (no --eval-every: rank 0 cannot run a sharded model
+    alone; the final evaluation of the exported model rides along)."""
+    out = tmp_path_factory.mktemp("ref-fsdp") / "run"
+    cfg = _config(train_shards, tiny_student, out, strategy="fsdp")
+    cfg = cfg.model_copy(update={"eval_shards": str(train_shards), "eval_max_samples": 8})
+    return out, train(cfg)
+
+
+STRATEGIES = pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+
+
+def _reference(request, strategy: str):
+    return request.getfixturevalue("reference_run" if strategy == "ddp" else "fsdp_reference_run")
+
+
 @pytest.mark.timeout(300)
-def test_two_worker_run_learns_and_exports(reference_run):
+@STRATEGIES
+def test_two_worker_run_learns_and_exports(request, strategy):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, summary = reference_run
+    out, summary = _reference(request, strategy)
     records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "ce", "divergence", "tokens", "tokens_per_s", "lr", "grad_norm"):
@@ -476,6 +496,32 @@ def test_two_worker_run_learns_and_exports(reference_run):
     ids = tok("Question: What is 2 plus 3?\nAnswer:", return_tensors="pt")["input_ids"]
     gen = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 4
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_run_equals_ddp_run(reference_run, fsdp_reference_run):
+    """Same seed, same data, sharded: the FSDP curve and the exported weights equal DDP's to
+    float32 tolerance (the reductions differ: all-reduce vs reduce-scatter of shards). The
+    export has the DDP export's tensors and files (the DDP one is served by vLLM in
+    tests/test_student_vllm.py) and the sharded checkpoints hold one file per worker."""
+    ddp_out, fsdp_out = reference_run[0], fsdp_reference_run[0]
+    ddp = [json.loads(x) for x in (ddp_out / "train_log.jsonl").read_text().splitlines()]
+    fsdp = [json.loads(x) for x in (fsdp_out / "train_log.jsonl").read_text().splitlines()]
+    for key in ("loss", "ce", "divergence", "grad_norm"):
+        assert [r[key] for r in fsdp] == pytest.approx([r[key] for r in ddp], rel=1e-4), key
+    pa, pb = _params(ddp_out / "model"), _params(fsdp_out / "model")
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        torch.testing.assert_close(pb[name], pa[name], rtol=1e-3, atol=1e-5, msg=name)
+    names = {p.name for p in (ddp_out / "model").iterdir()}
+    assert names == {p.name for p in (fsdp_out / "model").iterdir()}
+    checkpoints = sorted((fsdp_out / "ray" / "train").glob("step-*"))
+    assert checkpoints, "no checkpoint folders"
+    shards = sorted(p.name for p in (checkpoints[0] / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert fsdp_reference_run[1].eval["todi"] == pytest.approx(
+        reference_run[1].eval["todi"], rel=1e-3
+    )
 
 
 def test_reference_run_reports_rank0_steps_config_and_eval_to_trackers(reference_run):
@@ -514,23 +560,25 @@ def test_reference_run_reports_rank0_steps_config_and_eval_to_trackers(reference
 
 
 @pytest.mark.timeout(600)
+@STRATEGIES
 def test_resume_and_killed_worker_match_uninterrupted(
-    reference_run, train_shards, tiny_student, tmp_path, monkeypatch
+    request, strategy, train_shards, tiny_student, tmp_path, monkeypatch
 ):
     """Stop after step 4 (checkpoint), resume; in the resumed run worker 1 is SIGKILLed after
     step 5 and Ray Train restarts the group from the step-4 checkpoint. Both the resume and
     the restart replay the data order exactly: the parameters equal the reference run's."""
+    reference_run = _reference(request, strategy)
     out = tmp_path / "run"
-    first = train(_config(train_shards, tiny_student, out, stop_at_step=4))
+    first = train(_config(train_shards, tiny_student, out, stop_at_step=4, strategy=strategy))
     assert first.stopped_early and first.steps == 4
     with pytest.raises(TrainError, match=r"pass --resume"):
-        train(_config(train_shards, tiny_student, out))
+        train(_config(train_shards, tiny_student, out, strategy=strategy))
     with pytest.raises(TrainError, match=r"lr: 0\.0005"):
-        train(_config(train_shards, tiny_student, out, resume=True, lr=1e-3))
+        train(_config(train_shards, tiny_student, out, resume=True, lr=1e-3, strategy=strategy))
 
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"kill:5:1:{marker}")
-    second = train(_config(train_shards, tiny_student, out, resume=True))
+    second = train(_config(train_shards, tiny_student, out, resume=True, strategy=strategy))
     assert marker.is_file(), "the worker was not killed"
     assert second.resumed and second.steps == 6 and not second.stopped_early
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
@@ -542,19 +590,21 @@ def test_resume_and_killed_worker_match_uninterrupted(
         assert [r[key] for r in log] == [r[key] for r in ref[: len(log)]], key
 
 
+@STRATEGIES
 def test_worker_killed_at_a_random_step_ends_like_the_reference(
-    reference_run, train_shards, tiny_student, tmp_path, monkeypatch
+    request, strategy, train_shards, tiny_student, tmp_path, monkeypatch
 ):
     """SIGKILL worker 1 after a step drawn at random (1-5 of 6; the draw is in every message):
     Ray Train restarts the group from the last checkpoint (every 3 steps), or from the start
     before the first one, and the run ends with the reference run's parameters and curve.
     TODI_TEST_KILL_STEP=N replays a draw."""
     step = int(os.environ.get("TODI_TEST_KILL_STEP") or random.Random().randint(1, 5))
-    where = f"worker 1 killed after step {step}"
+    where = f"{strategy}: worker 1 killed after step {step}"
+    reference_run = _reference(request, strategy)
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"kill:{step}:1:{marker}")
     out = tmp_path / "run"
-    summary = train(_config(train_shards, tiny_student, out))
+    summary = train(_config(train_shards, tiny_student, out, strategy=strategy))
     assert marker.is_file(), f"{where}: the worker was not killed"
     assert summary.steps == 6 and not summary.stopped_early, where
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]

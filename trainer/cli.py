@@ -59,6 +59,17 @@ def train_command(
         None, "--allow-incomplete", help="Train on a set still marked incomplete."
     ),
     workers: int = typer.Option(None, "--workers", help="Ray Train workers [2]."),
+    strategy: str = typer.Option(
+        None,
+        "--strategy",
+        help="ddp (whole student per worker) | fsdp (parameters, gradients, optimizer state "
+        "sharded over the workers) [ddp].",
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute decoder-layer activations in backward (less memory) [off].",
+    ),
     cpus_per_worker: float = typer.Option(None, "--cpus-per-worker", help="[1]."),
     placement_strategy: str = typer.Option(
         None,
@@ -109,7 +120,7 @@ def train_command(
     ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar [on]."),
 ) -> None:
-    """Train a student on a shard set with Ray Train (DDP), ToDi or another divergence."""
+    """Train a student on a shard set with Ray Train (DDP or FSDP), ToDi or another divergence."""
     overrides = {k: v for k, v in locals().items() if k != "config"}  # None = not given
     from todi.trainer.config import load_config
     from todi.trainer.train import train

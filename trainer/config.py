@@ -64,6 +64,11 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = no clipping")
     bf16: bool | None = Field(None, description="bf16 autocast; None = where supported (GPU)")
     seed: int = 0
+    gradient_checkpointing: bool = Field(
+        False,
+        description="activation checkpointing of the decoder layers: recompute each layer's "
+        "activations in backward instead of keeping them (less memory, one more forward)",
+    )
 
     # -- data -------------------------------------------------------------------------------
     shuffle_buffer: int = Field(1024, ge=0, description="samples in the shuffle buffer")
@@ -75,6 +80,11 @@ class TrainConfig(BaseModel):
 
     # -- cluster ---------------------------------------------------------------------------
     workers: int = Field(2, ge=1)
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole student; fsdp: parameters, gradients "
+        "and optimizer state sharded over the workers (torch FSDP2, trainer/strategy.py)",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
@@ -156,6 +166,12 @@ class TrainConfig(BaseModel):
             raise ValueError("online_full_vocab and online_quantize exclude each other")
         if self.eval_every and not self.eval_shards:
             raise ValueError("eval_every needs eval_shards")
+        if self.eval_every and self.strategy == "fsdp":
+            # Rank 0 evaluates alone while the others wait; a sharded model needs them all.
+            raise ValueError(
+                "eval_every needs strategy ddp (an FSDP model is sharded over the workers); "
+                "with fsdp, --eval-shards evaluates the exported model at the end"
+            )
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
@@ -201,6 +217,7 @@ TRAJECTORY_FIELDS = (
     "shuffle_buffer",
     "bucket_buffer",
     "workers",
+    "strategy",
     "online_teacher",
     "online_quantize",
 )
@@ -272,8 +289,12 @@ def load_config(
 def trajectory_differences(saved: dict[str, Any], now: TrainConfig) -> list[str]:
     """`field: saved != now` for each trajectory field that differs (for `--resume`)."""
     current = now.model_dump()
+
+    def default(name: str) -> Any:  # a field newer than the saved run: its default then
+        return TrainConfig.model_fields[name].default
+
     return [
-        f"{name}: {saved.get(name)!r} (checkpointed run) != {current[name]!r} (now)"
+        f"{name}: {saved.get(name, default(name))!r} (checkpointed run) != {current[name]!r} (now)"
         for name in TRAJECTORY_FIELDS
-        if saved.get(name) != current[name]
+        if saved.get(name, default(name)) != current[name]
     ]

@@ -226,7 +226,7 @@ def build_student(spec: str | StudentSpec, *, seed: int = 0, dtype=None):
         keep = config.todi_student_of["layers"]
         state = teacher_layer_tensors(parsed.path, keep)
         result = model.load_state_dict(state, strict=False)
-        tied = _tied_keys(model)
+        tied = tied_keys(model)
         missing = [k for k in result.missing_keys if k not in tied]
         if missing or result.unexpected_keys:
             raise StudentError(
@@ -239,7 +239,7 @@ def build_student(spec: str | StudentSpec, *, seed: int = 0, dtype=None):
     return model, tokenizer
 
 
-def _tied_keys(model) -> set[str]:
+def tied_keys(model) -> set[str]:
     """Parameter names that share storage with another (e.g. a head tied to the embeddings)."""
     seen: dict[int, str] = {}
     tied: set[str] = set()
@@ -282,3 +282,17 @@ def body_and_head(model):
             "loss needs logits = hidden @ W^T + b"
         )
     return body, head.weight, getattr(head, "bias", None)
+
+
+def decoder_layers(model) -> list:
+    """The student's decoder layers (the units FSDP shards and checkpointing recomputes):
+    the ModuleList of the base model with one entry per hidden layer (`model.layers` for
+    Llama, Qwen2, Mistral, Gemma)."""
+    from torch import nn
+
+    body, _, _ = body_and_head(model)
+    n = int(model.config.get_text_config().num_hidden_layers)
+    for child in body.children():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            return list(child)
+    raise StudentError(f"{type(model).__name__}: no ModuleList of {n} decoder layers found")
