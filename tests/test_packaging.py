@@ -12,6 +12,7 @@ environment's editable-install hook.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -40,7 +41,15 @@ def dist(tmp_path_factory) -> Path:
     except ImportError:
         pytest.fail("`build` is not installed (a dev dependency: `make setup`)", pytrace=False)
     out = tmp_path_factory.mktemp("dist")
-    proc = _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)])
+    leftovers = [ROOT / "todi_distill.egg-info", ROOT / "build"]
+    existed = {p for p in leftovers if p.exists()}
+    try:
+        proc = _run(
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)]
+        )
+    finally:  # setuptools writes these into the source tree: leave it as it was
+        for p in set(leftovers) - existed:
+            shutil.rmtree(p, ignore_errors=True)
     log = proc.stdout + proc.stderr
     # setuptools reports deprecated metadata (e.g. a TOML-table license) as a
     # SetuptoolsDeprecationWarning in the build's output.
@@ -69,18 +78,21 @@ def test_wheel_and_sdist_carry_the_spdx_license_and_every_package(dist: Path) ->
 
 
 def test_the_wheel_installs_and_runs_in_a_fresh_venv(dist: Path, tmp_path: Path) -> None:
+    # Nothing of this checkout on the path (PYTHONPATH would make pip see it as installed).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=env)
     vpy = venv / "bin" / "python"
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = Path(_run([str(vpy), "-c", purelib]).stdout.strip())
-    # The dependencies, from this environment (appended to sys.path: the venv's own first).
-    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (site / "todi-test-deps.pth").write_text("".join(f"{p}\n" for p in sorted(deps)))
+    site = Path(_run([str(vpy), "-c", purelib], env=env).stdout.strip())
     wheel = next(dist.glob("*.whl"))
     _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps",
-          "--no-index", "--quiet", str(wheel)])  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+          "--no-index", "--quiet", str(wheel)], env=env, cwd=tmp_path)  # fmt: skip
+    assert (venv / "bin" / "todi").is_file(), "the wheel installed no `todi` console script"
+    # Then the dependencies, from this environment (appended to sys.path: the venv's own
+    # first; added after the install, or pip would see this checkout's editable install).
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (site / "todi-test-deps.pth").write_text("".join(f"{p}\n" for p in sorted(deps)))
     help_text = _run([str(venv / "bin" / "todi"), "--help"], env=env, cwd=tmp_path).stdout
     for command in ("serve", "precompute", "train", "eval"):
         assert command in help_text, help_text
