@@ -1267,10 +1267,15 @@ def test_every_ray_node_and_client_uses_token_auth() -> None:
 
 
 def _published(svc: dict[str, Any]) -> list[dict[str, Any]]:
+    """`ports` as rendered by compose: the long syntax (v2) or `IP:HOST:CONTAINER/proto` (1.29)."""
     out = []
     for port in svc.get("ports") or []:
-        assert isinstance(port, dict), port  # compose renders the long syntax
-        out.append(port)
+        if isinstance(port, dict):
+            out.append(port)
+            continue
+        parts = str(port).split("/")[0].split(":")
+        assert len(parts) == 3, f"{port}: published without a host address"
+        out.append({"host_ip": parts[0], "published": parts[1], "target": parts[2]})
     return out
 
 
