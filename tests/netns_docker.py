@@ -66,9 +66,12 @@ class NetnsDocker:
         _check(["ip", "netns", "add", self.name])
         ip = ["ip", "-n", self.name]
         _check([*ip, "link", "set", "lo", "up"])
-        _check([*ip, "link", "add", "todi-other", "type", "dummy"])
+        # The "other address": on one end of a veth pair whose two ends both stay inside the
+        # namespace (the kernel here has veth, which Docker's bridges need, but no dummy).
+        _check([*ip, "link", "add", "todi-other", "type", "veth", "peer", "name", "todi-other-p"])
         _check([*ip, "addr", "add", f"{OTHER_ADDRESS}/24", "dev", "todi-other"])
         _check([*ip, "link", "set", "todi-other", "up"])
+        _check([*ip, "link", "set", "todi-other-p", "up"])
         self.data_root.mkdir(parents=True, exist_ok=True)
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
