@@ -510,21 +510,38 @@ def test_rays_client_refuses_a_stranger(stack):
     assert not stack.on_volume(marker), "a refused client's task ran"
 
 
-def _listening(port: int) -> set[str]:
-    """Local addresses of the host's listening TCP sockets on `port` (/proc/net/tcp{,6})."""
-    out = set()
+def _listening(port: int) -> list[tuple[str, str]]:
+    """(local address, socket inode) of the host's listening TCP sockets on `port`."""
+    out = []
     for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
         for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, _, hexport = local.partition(":")
-            if state == "0A" and int(hexport, 16) == port:
-                raw = bytes.fromhex(addr)
-                if width == 8:
-                    out.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
-                else:
-                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-                    out.add(socket.inet_ntop(socket.AF_INET6, words))
+            fields = line.split()
+            addr, _, hexport = fields[1].partition(":")
+            if fields[3] != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            if width == 8:
+                text = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                text = socket.inet_ntop(socket.AF_INET6, words).removeprefix("::ffff:")
+            out.append((text, fields[9]))
     return out
+
+
+def _container_of_socket(inode: str) -> str | None:
+    """The Docker container (full id) whose process holds the socket, from /proc."""
+    target = f"socket:[{inode}]"
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if not any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                continue
+            cgroup = (fd_dir.parent / "cgroup").read_text()
+        except OSError:
+            continue
+        found = re.search(r"/docker/([0-9a-f]{64})", cgroup)
+        return found.group(1) if found else None
+    return None
 
 
 OTHER_ADDRESS_PROBE = """
@@ -561,9 +578,13 @@ def test_published_ports_listen_on_loopback_only(stack):
     inner = [stack.inner[p] for p in PUBLISHED]
     if stack.netns is None:
         # Host networking: the services' own sockets are the host's; read them, send nothing.
+        # (Other processes of this machine may hold the same port number on another address.)
+        label = f"label=com.docker.compose.project={PROJECT}"
+        ours = set(stack.docker("ps", "-q", "--no-trunc", "--filter", label).stdout.split())
         for name in PUBLISHED:
-            addrs = _listening(stack.inner[name])
-            assert addrs == {"127.0.0.1"}, f"{name} {stack.inner[name]} listens on {addrs}"
+            port = stack.inner[name]
+            mine = {addr for addr, inode in _listening(port) if _container_of_socket(inode) in ours}
+            assert mine == {"127.0.0.1"}, f"{name} {port}: the stack listens on {mine}"
         return
     # Bridge: from inside the namespace, the published ports answer on 127.0.0.1 and not on
     # the namespace's other address (where a socket bound to every address does answer).
