@@ -584,7 +584,8 @@ def test_published_ports_listen_on_loopback_only(stack):
         for name in PUBLISHED:
             port = stack.inner[name]
             mine = {addr for addr, inode in _listening(port) if _container_of_socket(inode) in ours}
-            assert mine == {"127.0.0.1"}, f"{name} {port}: the stack listens on {mine}"
+            assert mine, f"{name} {port}: no socket of the stack listens there"
+            assert all(a.startswith("127.") for a in mine), f"{name} {port}: listens on {mine}"
         return
     # Bridge: from inside the namespace, the published ports answer on 127.0.0.1 and not on
     # the namespace's other address (where a socket bound to every address does answer).

@@ -1302,4 +1302,8 @@ def test_host_network_override_listens_on_the_bind_address() -> None:
             assert f"--host {want} " in argv, f"{name}: {argv}"
         head = service_argv(rendered[RAY_HEAD]) or []
         assert f"--dashboard-host={want}" in head, head
-        assert "--node-ip-address=127.0.0.1" in head, head  # the Ray client server's address
+        # The Ray client server's address: loopback, and not 127.0.0.1 / localhost, which Ray
+        # replaces with the host's network address.
+        assert "--node-ip-address=127.0.0.2" in head, head
+        worker = " ".join(service_argv(rendered["ray-worker"]) or [])
+        assert "--node-ip-address=127.0.0.2" in worker, worker
