@@ -570,7 +570,7 @@ def report(cfg: StudyConfig, shards: Path) -> dict[str, Any]:
     by: dict[str, dict[int, dict]] = {}
     for r in results:
         by.setdefault(r["setting"], {})[r["seed"]] = r
-    order = [s for s in MAIN + ABLATIONS if s in by]
+    order = [s for s in ALL_SETTINGS if s in by]
     summary = {
         s: {m: _mean_std([_value(r, m) for r in by[s].values()]) for m, _, _ in METRICS}
         for s in order

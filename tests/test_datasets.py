@@ -278,6 +278,10 @@ def test_job_spec_validation():
         "temperature": 1.0,
         "max_seq_len": None,
         "chat_template": True,
+        "targets": "topk",
+        "draws": 0,
+        "sample_seed": 0,
+        "retemper": [],
     }
     bad = [
         ({"top_k": 0}, "top_k"),
@@ -288,6 +292,10 @@ def test_job_spec_validation():
         ({"job_id": "../x"}, "job_id"),
         ({"num_actors": 0}, "num_actors"),
         ({"topk": 3}, "topk"),
+        ({"targets": "sampled"}, "draws"),
+        ({"targets": "sampled", "draws": 300}, "draws"),
+        ({"draws": 5}, "draws"),
+        ({"retemper": [2.0, 2.0]}, "retemper"),
     ]
     for change, field in bad:
         with pytest.raises(ValueError, match=field):
