@@ -68,32 +68,38 @@ class ExportError(TodiError, ValueError):
     """An export that cannot be made (unknown format, bad temperature, target exists)."""
 
 
+def _row(sample: Sample, ids: np.ndarray, logprobs: np.ndarray, mask: np.ndarray) -> dict:
+    """axolotl's KD columns of one sequence from its stored rows: target ids, target
+    log-probs and mask [P, k] at the stored positions; padding elsewhere (mask 0)."""
+    tokens = np.asarray(sample.input_ids, dtype=np.int32)
+    length, (positions, k) = len(tokens), ids.shape
+    first = sample.first_position
+    labels = tokens.copy()
+    labels[: sample.prompt_len] = IGNORE_INDEX
+    target_lp = np.full((length, k), PAD_LOGPROB, dtype=np.float32)
+    target_lp[first : first + positions] = logprobs.astype(np.float32)
+    target_ids = np.broadcast_to(np.arange(k, dtype=np.int32), (length, k)).copy()
+    target_ids[first : first + positions] = ids
+    target_mask = np.zeros((length, k), dtype=np.int8)
+    target_mask[first : first + positions] = mask
+    return {
+        "input_ids": tokens,
+        "attention_mask": np.ones(length, dtype=np.int8),
+        "labels": labels,
+        "target_token_ids": target_ids,
+        "target_logprobs": target_lp,
+        "target_mask": target_mask,
+    }
+
+
 def axolotl_row(sample: Sample, *, temperature_ratio: float = 1.0) -> dict[str, Any]:
     """One shard sample -> one row of axolotl's KD columns (see the module docstring).
 
     `temperature_ratio` = T_set / T_export: the top-k is re-tempered as p^ratio (axolotl's
     dataset strategy) before it is renormalized."""
-    ids = np.asarray(sample.input_ids, dtype=np.int32)
-    length, (positions, k) = len(ids), sample.topk_ids.shape
-    first = sample.first_position
-    labels = ids.copy()
-    labels[: sample.prompt_len] = IGNORE_INDEX
     lp = sample.topk_logprobs.astype(np.float64) * temperature_ratio
     lse = np.logaddexp.reduce(lp, axis=1, keepdims=True)
-    target_lp = np.full((length, k), PAD_LOGPROB, dtype=np.float32)
-    target_lp[first : first + positions] = (lp - lse).astype(np.float32)
-    target_ids = np.broadcast_to(np.arange(k, dtype=np.int32), (length, k)).copy()
-    target_ids[first : first + positions] = sample.topk_ids
-    mask = np.zeros((length, k), dtype=np.int8)
-    mask[first : first + positions] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": np.ones(length, dtype=np.int8),
-        "labels": labels,
-        "target_token_ids": target_ids,
-        "target_logprobs": target_lp,
-        "target_mask": mask,
-    }
+    return _row(sample, sample.topk_ids, lp - lse, np.ones(lp.shape, dtype=np.int8))
 
 
 def sampled_axolotl_row(sample: Sample, meta: ShardSetMetadata, temperature: float) -> dict:
@@ -101,29 +107,11 @@ def sampled_axolotl_row(sample: Sample, meta: ShardSetMetadata, temperature: flo
     estimator weights (`todi.storage.retemper`; counts / N for draws only: RS-KD's sparse
     target), padded per position with mask 0. axolotl's top-k forward KL on these targets has
     the same expected gradient as the full-vocabulary forward KL."""
-    ids = np.asarray(sample.input_ids, dtype=np.int32)
-    t_ids, _, w = sample_targets(sample, meta, temperature)
+    ids, _, w = sample_targets(sample, meta, temperature)
     assert w is not None
-    length, (positions, k) = len(ids), t_ids.shape
-    first = sample.first_position
-    labels = ids.copy()
-    labels[: sample.prompt_len] = IGNORE_INDEX
-    target_lp = np.full((length, k), PAD_LOGPROB, dtype=np.float32)
     with np.errstate(divide="ignore"):
         logw = np.where(w > 0, np.log(np.maximum(w, 1e-45)), PAD_LOGPROB)
-    target_lp[first : first + positions] = logw.astype(np.float32)
-    target_ids = np.broadcast_to(np.arange(k, dtype=np.int32), (length, k)).copy()
-    target_ids[first : first + positions] = t_ids
-    mask = np.zeros((length, k), dtype=np.int8)
-    mask[first : first + positions] = w > 0
-    return {
-        "input_ids": ids,
-        "attention_mask": np.ones(length, dtype=np.int8),
-        "labels": labels,
-        "target_token_ids": target_ids,
-        "target_logprobs": target_lp,
-        "target_mask": mask,
-    }
+    return _row(sample, ids, logw, (w > 0).astype(np.int8))
 
 
 def _features():
