@@ -677,7 +677,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[2].invert_yaxis()
     axes[2].set_xlim(min(means) * 0.9, max(means) * 1.05)
     axes[2].set_title(
-        "after 100 steps: full-vocabulary FKL, T = 1\n(all held-out tokens; ± std)", fontsize=9
+        f"after {result['config']['steps']} steps: full-vocabulary FKL, T = 1\n"
+        "(all held-out tokens; ± std)",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
