@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from todi.demo import DemoConfig
+
 
 @pytest.mark.timeout(1500)
 def test_demo_fast_runs_the_whole_pipeline(tmp_path: Path, teacher_dir: Path) -> None:
@@ -42,7 +44,7 @@ def test_demo_fast_runs_the_whole_pipeline(tmp_path: Path, teacher_dir: Path) ->
         assert report.ok, report.problems
         shard_set = open_shard_set(out / "shards" / name)
         assert shard_set.complete
-        assert shard_set.signature.temperature == 2.0
+        assert shard_set.signature.temperature == DemoConfig().temperature
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert rows and all(r["prompt"] and r["response"] for r in rows)
     log = [json.loads(line) for line in Path(summary["train_log"]).read_text().splitlines()]
