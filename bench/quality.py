@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,8 @@ def _run(cmd: list[str], log: Path | None = None) -> None:
 # 1. data
 
 
-def chatterbot_turns() -> list[str]:
-    """Every distinct turn of the English chatterbot-corpus conversations (1,880 texts)."""
+def _conversations() -> Iterator[list[str]]:
+    """The turns of every English chatterbot-corpus conversation, file by file."""
     import glob
     import importlib.util
 
@@ -145,40 +146,33 @@ def chatterbot_turns() -> list[str]:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("package 'chatterbot_corpus' is missing: pip install chatterbot-corpus")
     root = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
-    seen: set[str] = set()
-    out: list[str] = []
     for path in sorted(glob.glob(str(root / "*.yml"))):
         with open(path, encoding="utf-8") as f:
             for conversation in yaml.safe_load(f).get("conversations", []) or []:
-                for turn in conversation or []:
-                    text = str(turn).strip()
-                    if text and len(text) < 400 and text.lower() not in seen:
-                        seen.add(text.lower())
-                        out.append(text)
+                yield [str(t).strip() for t in conversation or []]
+
+
+def chatterbot_turns() -> list[str]:
+    """Every distinct turn of the English chatterbot-corpus conversations (1,880 texts)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for turns in _conversations():
+        for text in turns:
+            if text and len(text) < 400 and text.lower() not in seen:
+                seen.add(text.lower())
+                out.append(text)
     return out
 
 
 def chatterbot_pairs() -> list[tuple[str, str]]:
     """(turn, next turn) of every English chatterbot-corpus conversation, deduplicated."""
-    import glob
-    import importlib.util
-
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("package 'chatterbot_corpus' is missing: pip install chatterbot-corpus")
-    root = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
-    for path in sorted(glob.glob(str(root / "*.yml"))):
-        with open(path, encoding="utf-8") as f:
-            for conversation in yaml.safe_load(f).get("conversations", []) or []:
-                turns = [str(t).strip() for t in conversation or []]
-                for a, b in itertools.pairwise(turns):
-                    if a and b and len(a) < 400 and len(b) < 400 and a.lower() not in seen:
-                        seen.add(a.lower())
-                        out.append((a, b))
+    for turns in _conversations():
+        for a, b in itertools.pairwise(turns):
+            if a and b and len(a) < 400 and len(b) < 400 and a.lower() not in seen:
+                seen.add(a.lower())
+                out.append((a, b))
     return out
 
 

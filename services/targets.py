@@ -93,7 +93,12 @@ def select(
     """
     lp = logprobs.float()
     p_rows = lp.shape[0]
-    covered = lp.double().exp().sum(-1).clamp_max(1.0).numpy()
+    # A full-vocabulary row holds all the mass: no [P, V] exp pass on the hot path for it.
+    covered = (
+        np.ones(p_rows)
+        if candidate_ids is None
+        else lp.double().exp().sum(-1).clamp_max(1.0).numpy()
+    )
     k = request.top_k
     if k:
         top_lp, top_col = torch.topk(lp, k, dim=-1)
