@@ -57,20 +57,33 @@ MAIN = ("sft", *UNIFORM, "todi")
 ABLATIONS = ("todi-k8", "todi-renorm", "todi-online-full", "todi-t1")
 # Offline targets against the live teacher (#18), all ToDi: the teacher in the loop over the
 # full vocabulary at T = 1 and 2 (todi-online-t1, todi-online-full), top-64 + tail at T = 1
-# and 2 (todi-t1, todi), draws at T = 1 and 2, a T = 1 capture re-tempered to T = 2, and the
-# hybrid (exact top-8 + draws from the rest) at T = 2.
+# and 2 (todi-t1, todi), draws at T = 1 and 2 with each sampled-target estimator (unbiased:
+# both sides by importance weights; bucketed: the student side over the drawn ids + a bucket),
+# a T = 1 capture re-tempered to T = 2, and the hybrid (exact top-8 + draws from the rest,
+# bucketed) at T = 2.
 TARGETS = (
     "todi-online-t1",
+    "todi-spread-t1",
+    "todi-spread-t2",
     "todi-draws-t1",
     "todi-draws-t2",
+    "todi-draws-bucketed-t1",
+    "todi-draws-bucketed-t2",
     "todi-retemper-t2",
     "todi-hybrid-t2",
 )
 ALL_SETTINGS = MAIN + ABLATIONS + TARGETS
 # Which settings are compared against which live teacher (same temperature).
 LIVE_OF = {
-    "todi-online-t1": ("todi-t1", "todi-draws-t1"),
-    "todi-online-full": ("todi", "todi-draws-t2", "todi-retemper-t2", "todi-hybrid-t2"),
+    "todi-online-t1": ("todi-t1", "todi-spread-t1", "todi-draws-t1", "todi-draws-bucketed-t1"),
+    "todi-online-full": (
+        "todi",
+        "todi-spread-t2",
+        "todi-draws-t2",
+        "todi-draws-bucketed-t2",
+        "todi-retemper-t2",
+        "todi-hybrid-t2",
+    ),
 }
 
 
@@ -269,13 +282,13 @@ def shard_sets(cfg: StudyConfig) -> dict[str, SetSpec]:
         sets[_topk_name("train", cfg.small_k, t)] = SetSpec(
             split="train", temperature=t, top_k=cfg.small_k, engine=cfg.engine
         )
-    if want & {"todi-t1", "todi-online-t1"}:
+    if want & {"todi-t1", "todi-online-t1", "todi-spread-t1"}:
         for sp in ("train", "heldout"):
             sets[_topk_name(sp, cfg.top_k, 1)] = SetSpec(
                 split=sp, temperature=1.0, top_k=cfg.top_k, engine=cfg.engine
             )
     for temp in (1.0, t):
-        if f"todi-draws-t{temp:g}" in want:
+        if want & {f"todi-draws-t{temp:g}", f"todi-draws-bucketed-t{temp:g}"}:
             sets[f"train-d{cfg.draws}-T{temp:g}"] = SetSpec(
                 split="train", temperature=temp, top_k=0, engine="hf", targets="sampled",
                 draws=cfg.draws,
@@ -357,16 +370,25 @@ def setting_args(cfg: StudyConfig, setting: str, teacher: Path) -> tuple[str, li
         return main, ["--loss", "todi", *online]
     if setting == "todi-t1":
         return _topk_name("train", cfg.top_k, 1), ["--loss", "todi"]
+    if setting == "todi-spread-t1":
+        return _topk_name("train", cfg.top_k, 1), ["--loss", "todi", "--topk-target", "spread"]
+    if setting == f"todi-spread-t{t:g}":
+        return main, ["--loss", "todi", "--topk-target", "spread"]
     if setting == "todi-online-t1":
         return _topk_name("train", cfg.top_k, 1), ["--loss", "todi", *online]
-    if setting == "todi-draws-t1":
-        return f"train-d{cfg.draws}-T1", ["--loss", "todi"]
-    if setting == f"todi-draws-t{t:g}":
-        return f"train-d{cfg.draws}-T{t:g}", ["--loss", "todi"]
+    for temp in (1.0, t):
+        for est in ("unbiased", "bucketed"):
+            name = f"todi-draws-t{temp:g}" if est == "unbiased" else f"todi-draws-{est}-t{temp:g}"
+            if setting == name:
+                return f"train-d{cfg.draws}-T{temp:g}", [
+                    "--loss", "todi", "--sampled-estimator", est
+                ]  # fmt: skip
     if setting == f"todi-retemper-t{t:g}":
         return f"train-k{cfg.top_k}-T1-rt{t:g}", ["--loss", "todi", "--temperature", f"{t:g}"]
     if setting == f"todi-hybrid-t{t:g}":
-        return f"train-k{cfg.hybrid_k}-d{cfg.hybrid_draws}-T{t:g}", ["--loss", "todi"]
+        return f"train-k{cfg.hybrid_k}-d{cfg.hybrid_draws}-T{t:g}", [
+            "--loss", "todi", "--sampled-estimator", "bucketed"
+        ]  # fmt: skip
     raise SystemExit(f"unknown setting {setting!r}; expected one of {', '.join(ALL_SETTINGS)}")
 
 

@@ -34,14 +34,17 @@ from torch.autograd.function import once_differentiable
 
 from todi.storage.batches import IGNORE_INDEX
 from todi.trainer.divergences import (
+    bucketed_divergence,
     check_kind,
     check_kind_for_weights,
     check_params,
+    check_sampled_estimator,
     coarsened_teacher,
     math_dtype,
     outcome_divergence,
     renormalized_topk,
     sampled_divergence,
+    teacher_tail_logprob,
 )
 
 DEFAULT_CHUNK_SIZE: Final = 1024
@@ -77,11 +80,24 @@ def _check_topk(
 
 
 def _check_weights(
-    kind: str, weights: Tensor | None, topk_ids: Tensor, topk_logprobs: Tensor, tail: bool
+    kind: str,
+    weights: Tensor | None,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail: bool,
+    sampled: str = "unbiased",
+    spread: bool = False,
 ) -> None:
     """Weighted (sampled) targets: [n, k] like the ids, float, finite, >= 0, with a finite
     teacher log-prob wherever w > 0 (a drawn id has p > 0); an elementwise kind (no AKL); no
-    renormalized-top-k ablation (there is no top-k to renormalize)."""
+    renormalized-top-k ablation (there is no top-k to renormalize). Bucketed: the listed ids
+    of a row are distinct (each is one outcome beside the rest)."""
+    check_sampled_estimator(sampled)
+    if spread and (weights is not None or not tail):
+        raise ValueError(
+            "spread (the rest of the teacher's mass spread over the unlisted ids) applies to "
+            "top-k targets with their tail only: not with weights or tail=False"
+        )
     if weights is None:
         return
     check_kind_for_weights(kind)
@@ -97,6 +113,39 @@ def _check_weights(
         raise ValueError(
             "target weights must be finite and >= 0, with a finite teacher log-prob where > 0"
         )
+    if sampled == "bucketed" and topk_ids.shape[1] > 1:
+        k = topk_ids.shape[1]
+        pad = -1 - torch.arange(k, device=topk_ids.device)  # distinct, never a real id
+        ids = torch.where(weights > 0, topk_ids, pad).sort(dim=1).values
+        if bool((ids[:, 1:] == ids[:, :-1]).any()):
+            raise ValueError(
+                "the bucketed sampled-target estimate needs distinct listed ids per row (w > 0); "
+                "use sampled='unbiased' for repeated ids"
+            )
+
+
+def _spread_teacher(topk_ids: Tensor, topk_logprobs: Tensor, v: int, dtype: torch.dtype) -> Tensor:
+    """The teacher over the whole vocabulary [c, V] from its k listed ids: their own log-probs,
+    and the rest of the mass, 1 - sum_k p (floored like the tail bucket), spread evenly over the
+    V - k other ids (`topk_target="spread"`, docs/method.md)."""
+    k = topk_ids.shape[1]
+    fill = teacher_tail_logprob(topk_logprobs).to(dtype) - math.log(max(v - k, 1))
+    out = fill[:, None].expand(-1, v).clone()
+    return out.scatter_(1, topk_ids, topk_logprobs.to(dtype))
+
+
+def _all_ids(rows: int, v: int, device: torch.device) -> Tensor:
+    """Every vocabulary id for each of `rows` rows [rows, V] (an expanded view: no memory)."""
+    return torch.arange(v, device=device).expand(rows, v)
+
+
+def _bucketed_ids(topk_ids: Tensor, weights: Tensor) -> Tensor:
+    """The ids with every padding entry (w = 0) set to its row's first listed id [c, k].
+
+    The bucketed estimate needs the student's mass outside the listed ids; a padding entry that
+    repeats a listed id removes nothing more from that rest (and is masked as an outcome)."""
+    first = (weights > 0).to(torch.uint8).argmax(dim=1, keepdim=True)
+    return torch.where(weights > 0, topk_ids, topk_ids.gather(1, first))
 
 
 class _Workspace:
@@ -190,6 +239,8 @@ def _sparse_chunk_forward(
     reload: Callable[[Tensor], Tensor],
     tail: bool = True,
     weights: Tensor | None = None,
+    sampled: str = "unbiased",
+    spread: bool = False,
 ) -> _ChunkForward:
     """Divergence of one chunk of rows. `zt` (student logits / T, owned) is overwritten with
     exp(zt - m) (0 at the ids), which `_assemble_grad` can turn into the logits' gradient.
@@ -199,17 +250,41 @@ def _sparse_chunk_forward(
     G over the tail is then 0 and the same gradient assembly applies.
     `weights` [c, k]: the importance-weighted estimate over the listed ids (`sampled_divergence`),
     no tail: G is over the k listed entries only, `zt` becomes exp(zt - m) everywhere (ids
-    included) and lq_tail is unused (zeros)."""
-    if weights is not None:
+    included) and lq_tail is unused (zeros).
+    `sampled="bucketed"` with `weights`: `bucketed_divergence` over (listed ids, rest); the
+    outcomes and G are then laid out as in the top-k + tail form (ids from `_bucketed_ids`).
+    `spread=True`: the divergence over the whole vocabulary against `_spread_teacher`; G is
+    [c, V] over every id (assemble it like weighted targets with `_all_ids`), `zt` becomes
+    exp(zt - m) everywhere, lq_ids is the student's full log-softmax [c, V]."""
+    if spread:
+        rows, v = zt.shape
+        log_p = _spread_teacher(topk_ids, topk_logprobs, v, zt.dtype)
+        lq_ids, norm = _full_student(zt, _all_ids(rows, v, zt.device))
+        lq_tail = lq_ids.new_zeros(rows)
+        if not need_grad:
+            return _ChunkForward(outcome_divergence(kind, log_p, lq_ids, beta=beta), norm,
+                                 lq_tail, lq_ids, None)  # fmt: skip
+        with torch.enable_grad():
+            leaf = lq_ids.detach().requires_grad_(True)
+            div = outcome_divergence(kind, log_p, leaf, beta=beta)
+            (grad,) = torch.autograd.grad(div.sum(), leaf)
+        return _ChunkForward(div.detach(), norm, lq_tail, lq_ids, grad)
+    bucketed = weights is not None and sampled == "bucketed"
+    if weights is not None and not bucketed:
         lq_ids, norm = _full_student(zt, topk_ids)
         log_q = lq_ids
         lq_tail = lq_ids.new_zeros(lq_ids.shape[0])
     else:
         lq_ids, lq_tail, norm = _coarsened_student(zt, topk_ids, reload)
         log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
-        log_p = coarsened_teacher(topk_logprobs, lq_tail)
+        if not bucketed:
+            log_p = coarsened_teacher(topk_logprobs, lq_tail)
 
     def divergence(lq: Tensor) -> Tensor:
+        if bucketed:
+            return bucketed_divergence(
+                kind, topk_logprobs, lq[:, :-1], lq[:, -1], weights, beta=beta
+            )
         if weights is not None:
             return sampled_divergence(kind, topk_logprobs, lq, weights, beta=beta)
         if tail:
@@ -241,6 +316,7 @@ def _assemble_grad(
     ce_exp: Tensor | None = None,
     norm_1: Tensor | None = None,
     weighted: bool = False,
+    listed: Tensor | None = None,
 ) -> Tensor:
     """Gradient w.r.t. the raw logits z [c, V] of sum_rows div_scale * D (+ ce_scale * CE).
 
@@ -260,6 +336,8 @@ def _assemble_grad(
     may repeat): dD/dz_j = (1/T) (sum_{i: id_i = j} G_i - q_j S). e must then hold
     exp(z / T - m) at the ids too; the id terms are ADDED (scatter_add), so repeated ids
     accumulate, and lq_tail, q_ids and reload are unused.
+    `listed` [c, k] (bool; the bucketed sampled form): only these entries are outcomes, the
+    others repeat a listed id of their row (G = 0 there) and must not overwrite its value.
     """
     if weighted:
         scale = div_scale / temperature
@@ -297,7 +375,11 @@ def _assemble_grad(
         at_ids = at_ids + ce_scale[:, None] * q_ids
     # q_j = e_j / exp(log-sum): the 1 / exp(log-sum) rides on the per-row coefficient.
     grad = e.mul_((coef / log_s.exp())[:, None])
-    grad.scatter_(1, topk_ids, at_ids)
+    if listed is None:
+        grad.scatter_(1, topk_ids, at_ids)
+    else:  # repeated ids: write 0 at every id, then add each listed entry once
+        grad.scatter_(1, topk_ids, 0.0)
+        grad.scatter_add_(1, topk_ids, torch.where(listed, at_ids, torch.zeros_like(at_ids)))
     if slow_grad is not None:
         grad.index_add_(0, slow_rows, slow_grad)
     return _add_ce(grad, temperature, labels, ce_scale, ce_exp, norm_1)
@@ -336,6 +418,7 @@ def _logit_grad(
     norm_1: Tensor | None = None,
     scratch: Tensor | None = None,
     weighted: bool = False,
+    listed: Tensor | None = None,
 ) -> Tensor:
     """`_assemble_grad` from fresh raw logits z [c, V] (owned, overwritten, returned as the
     gradient): the backward's recomputation path. `scratch` (like z) holds the CE's
@@ -363,6 +446,7 @@ def _logit_grad(
         ce_exp=ce_exp,
         norm_1=norm_1,
         weighted=weighted,
+        listed=listed,
     )
 
 
@@ -395,8 +479,13 @@ class _SparseDivergence(torch.autograd.Function):
         need_grad: bool,
         tail: bool,
         weights: Tensor | None,
+        sampled: str,
+        spread: bool,
     ) -> Tensor:
         n = student_logits.shape[0]
+        bucketed = weights is not None and sampled == "bucketed"
+        if bucketed:
+            topk_ids = _bucketed_ids(topk_ids, weights)
         dtype = math_dtype(student_logits.dtype)
         div = torch.empty(n, dtype=dtype, device=student_logits.device)
         norm = torch.empty(n, 2, dtype=dtype, device=student_logits.device)
@@ -417,13 +506,17 @@ class _SparseDivergence(torch.autograd.Function):
                 functools.partial(_reload_rows, chunk, temperature),
                 tail,
                 None if weights is None else weights[sl],
+                sampled,
+                spread,
             )
             div[sl], norm[sl], lq_tail[sl] = fwd.div, fwd.norm, fwd.lq_tail
-            if fwd.grad is not None:
+            if fwd.grad is not None and not spread:  # spread: backward recomputes G [c, V]
                 grads.append(fwd.grad)
         grad_outcomes = torch.cat(grads) if grads else None
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.weighted = weights is not None
+        ctx.spread = (kind, beta, topk_logprobs) if spread else None
+        ctx.weighted = weights is not None and not bucketed
+        ctx.listed = weights > 0 if bucketed else None
         if need_grad:
             ctx.save_for_backward(student_logits, topk_ids, norm, lq_tail, grad_outcomes)
         return div
@@ -439,6 +532,32 @@ class _SparseDivergence(torch.autograd.Function):
         for start in range(0, n, size):
             sl = slice(start, start + size)
             rows = student_logits[sl].shape[0]
+            if ctx.spread is not None:
+                kind, beta, lps = ctx.spread
+                zt = _scaled_copy(student_logits[sl], t, work.get("z", rows))
+                fwd = _sparse_chunk_forward(
+                    kind,
+                    zt,
+                    topk_ids[sl],
+                    lps[sl],
+                    beta,
+                    True,
+                    None,
+                    spread=True,  # type: ignore[arg-type]
+                )
+                grad[sl] = _assemble_grad(
+                    zt,
+                    temperature=t,
+                    topk_ids=_all_ids(rows, v, zt.device),
+                    norm_t=fwd.norm,
+                    lq_tail=fwd.lq_tail,
+                    grad_outcomes=fwd.grad,  # type: ignore[arg-type]
+                    q_ids=fwd.lq_tail,
+                    div_scale=grad_div[sl].to(norm.dtype),
+                    reload=None,  # type: ignore[arg-type]
+                    weighted=True,
+                )
+                continue
             grad[sl] = _logit_grad(
                 _scaled_copy(student_logits[sl], 1.0, work.get("z", rows)),
                 temperature=t,
@@ -449,8 +568,9 @@ class _SparseDivergence(torch.autograd.Function):
                 div_scale=grad_div[sl].to(norm.dtype),
                 reload=functools.partial(_reload_rows, student_logits[sl], t),
                 weighted=ctx.weighted,
+                listed=None if ctx.listed is None else ctx.listed[sl],
             )
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 def sparse_divergence(
@@ -464,6 +584,8 @@ def sparse_divergence(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     tail: bool = True,
     weights: Tensor | None = None,
+    sampled: str = "unbiased",
+    spread: bool = False,
 ) -> Tensor:
     """Per-position divergence between the coarsened (k + 1)-outcome distributions -> [N].
 
@@ -488,11 +610,17 @@ def sparse_divergence(
     (`todi.trainer.divergences.sampled_divergence`): no tail bucket, q from the student's
     full-vocabulary softmax at T, ids may repeat (their gradients add up), w = 0 entries are
     padding (no value, no gradient). Not for AKL (ValueError).
+    `sampled="bucketed"` (with `weights`): the teacher-mass side by those importance weights,
+    the student-mass side over the listed ids plus one bucket for the rest
+    (`todi.trainer.divergences.bucketed_divergence`).
+    `spread=True` (top-k targets): instead of one tail bucket, the teacher's rest of the mass
+    is spread evenly over the V - k unlisted ids and the divergence runs over the whole
+    vocabulary (`_spread_teacher`); backward recomputes it chunk by chunk.
     """
     check_kind(kind)
     check_params(beta, temperature)
     _check_sparse(student_logits, topk_ids, topk_logprobs, repeats=weights is not None)
-    _check_weights(kind, weights, topk_ids, topk_logprobs, tail)
+    _check_weights(kind, weights, topk_ids, topk_logprobs, tail, sampled, spread)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -507,6 +635,8 @@ def sparse_divergence(
         need_grad,
         bool(tail),
         None if weights is None else weights.detach(),
+        sampled,
+        bool(spread),
     )
 
 
@@ -520,6 +650,8 @@ def reference_sparse_divergence(
     temperature: float = 1.0,
     tail: bool = True,
     weights: Tensor | None = None,
+    sampled: str = "unbiased",
+    spread: bool = False,
 ) -> Tensor:
     """The same quantity as `sparse_divergence` in plain, unchunked autograd.
 
@@ -528,12 +660,22 @@ def reference_sparse_divergence(
     check_kind(kind)
     check_params(beta, temperature)
     _check_sparse(student_logits, topk_ids, topk_logprobs, repeats=weights is not None)
-    _check_weights(kind, weights, topk_ids, topk_logprobs, tail)
+    _check_weights(kind, weights, topk_ids, topk_logprobs, tail, sampled, spread)
     zt = student_logits.to(math_dtype(student_logits.dtype)) / temperature
     lse = torch.logsumexp(zt, dim=-1)
+    if spread:
+        log_p = _spread_teacher(topk_ids, topk_logprobs.detach(), zt.shape[1], zt.dtype)
+        return outcome_divergence(kind, log_p, zt - lse[:, None], beta=beta)
     lq_ids = zt.gather(1, topk_ids) - lse[:, None]
-    if weights is not None:
+    if weights is not None and sampled == "unbiased":
         return sampled_divergence(kind, topk_logprobs.detach(), lq_ids, weights, beta=beta)
+    if weights is not None:  # bucketed; the rest: every id but the listed (w > 0) ones
+        hits = torch.zeros_like(zt, dtype=torch.int32)
+        hits.scatter_add_(1, topk_ids, (weights > 0).to(torch.int32))
+        lq_rest = torch.logsumexp(zt.masked_fill(hits > 0, float("-inf")), dim=-1) - lse
+        return bucketed_divergence(
+            kind, topk_logprobs.detach(), lq_ids, lq_rest, weights, beta=beta
+        )
     masked = zt.scatter(1, topk_ids, float("-inf"))
     lq_tail = torch.logsumexp(masked, dim=-1) - lse
     log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
@@ -616,8 +758,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         kd_weight: float | None,
         tail: bool,
         weights: Tensor | None,
+        sampled: str,
+        spread: bool,
     ) -> tuple[Tensor, Tensor]:
         n, v = hidden.shape[0], weight.shape[0]
+        bucketed = weights is not None and sampled == "bucketed"
+        if bucketed:
+            topk_ids = _bucketed_ids(topk_ids, weights)
+        listed = weights > 0 if bucketed else None
         dtype = math_dtype(hidden.dtype, weight.dtype)
         mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         dev = hidden.device
@@ -656,19 +804,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     reload,
                     tail,
                     None if weights is None else weights[sl],
+                    sampled,
+                    spread,
                 )  # z is now exp(z / T - m)
                 norm_t[sl], lq_tail[sl] = fwd.norm, fwd.lq_tail
                 # CE = logsumexp(z) - z[label] = (m - z[label]) + log-sum.
                 ce_sum += ((norm_1[sl, 0] - z_label) + norm_1[sl, 1]).sum()
                 div_sum += fwd.div.sum()
-                if fwd.grad is not None:
+                if fwd.grad is not None and not spread:  # spread: recomputed if needed
                     grads.append(fwd.grad)
                 if acc is not None:
                     assert fwd.grad is not None and kd_weight is not None
                     gz = _assemble_grad(
                         z,
                         temperature=temperature,
-                        topk_ids=topk_ids[sl],
+                        topk_ids=_all_ids(rows, v, dev) if spread else topk_ids[sl],
                         norm_t=fwd.norm,
                         lq_tail=fwd.lq_tail,
                         grad_outcomes=fwd.grad,
@@ -679,11 +829,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                         ce_scale=fwd.div.new_full((rows,), 1.0 - kd_weight),
                         ce_exp=ce_exp,
                         norm_1=norm_1[sl],
-                        weighted=weights is not None,
+                        weighted=(weights is not None and not bucketed) or spread,
+                        listed=None if listed is None else listed[sl],
                     )
                     acc.add(sl, gz, h, w)
         ctx.temperature, ctx.chunk_size, ctx.kd_weight = temperature, chunk_size, kd_weight
-        ctx.weighted = weights is not None
+        ctx.weighted = weights is not None and not bucketed
+        ctx.listed = listed
+        ctx.spread = (kind, beta, topk_logprobs) if spread else None
         ctx.fused = acc
         if any_grad:
             grad_outcomes = torch.cat(grads) if grads else lq_tail.new_zeros(0, 1)
@@ -699,7 +852,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             ctx.saved_tensors
         )
         t, size = ctx.temperature, ctx.chunk_size
-        nones = (None,) * 11
+        nones = (None,) * 13
         acc: _GradAccumulators | None = ctx.fused
         if acc is not None:
             ctx.fused = None  # once_differentiable: a second backward would need retain_graph
@@ -717,6 +870,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 sl = slice(start, start + size)
                 h = hidden[sl].to(mm_dtype)
                 rows = h.shape[0]
+                if ctx.spread is not None:
+                    gz = _spread_head_grad(
+                        ctx, h, w, bias, labels[sl], topk_ids[sl], ctx.spread[2][sl], norm_1[sl],
+                        grad_ce, grad_div, work,
+                    )  # fmt: skip
+                    acc.add(sl, gz, h, w)
+                    continue
                 gz = _logit_grad(
                     _head_logits(h, w, bias, work.get("z", rows)),
                     temperature=t,
@@ -731,9 +891,62 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     norm_1=norm_1[sl],
                     scratch=work.get("scratch", rows) if t != 1.0 else None,
                     weighted=ctx.weighted,
+                    listed=None if ctx.listed is None else ctx.listed[sl],
                 )
                 acc.add(sl, gz, h, w)
         return (*acc.result(None), *nones)
+
+
+def _spread_head_grad(
+    ctx: object,
+    h: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    norm_1: Tensor,
+    grad_ce: Tensor,
+    grad_div: Tensor,
+    work: _Workspace,
+) -> Tensor:
+    """The recompute backward of one chunk in spread mode: logits, the [c, V] divergence
+    gradient again (never stored), then the CE's."""
+    kind, beta, _ = ctx.spread  # type: ignore[attr-defined]
+    t = ctx.temperature  # type: ignore[attr-defined]
+    rows = h.shape[0]
+    z = _head_logits(h, w, bias, work.get("z", rows))
+    ce_exp = None
+    if t != 1.0:
+        ce_exp = torch.sub(z, norm_1[:, :1], out=work.get("scratch", rows)).exp_()
+        z.div_(t)
+    fwd = _sparse_chunk_forward(
+        kind,
+        z,
+        topk_ids,
+        topk_logprobs,
+        beta,
+        True,
+        None,
+        spread=True,  # type: ignore[arg-type]
+    )
+    dtype = fwd.norm.dtype
+    return _assemble_grad(
+        z,
+        temperature=t,
+        topk_ids=_all_ids(rows, z.shape[1], z.device),
+        norm_t=fwd.norm,
+        lq_tail=fwd.lq_tail,
+        grad_outcomes=fwd.grad,  # type: ignore[arg-type]
+        q_ids=fwd.lq_tail,
+        div_scale=grad_div.to(dtype).expand(rows),
+        reload=None,  # type: ignore[arg-type]
+        labels=labels,
+        ce_scale=grad_ce.to(dtype).expand(rows),
+        ce_exp=ce_exp,
+        norm_1=norm_1,
+        weighted=True,
+    )
 
 
 class _GradAccumulators:
@@ -819,6 +1032,8 @@ def chunked_head_loss(
     kd_weight: float | None = None,
     tail: bool = True,
     weights: Tensor | None = None,
+    sampled: str = "unbiased",
+    spread: bool = False,
 ) -> HeadLossParts:
     """Summed CE and sparse divergence of the student's head, without [N, V] logits.
 
@@ -844,7 +1059,10 @@ def chunked_head_loss(
     `tail=False`: the divergence of the top-k renormalized on both sides, no tail bucket
     (`todi.trainer.divergences.renormalized_topk`; an ablation, see `sparse_divergence`).
     `weights` [N, k]: sampled targets, the importance-weighted full-vocabulary estimate instead
-    of the tail bucket (see `sparse_divergence`; `Batch.target_weights` at the counted rows).
+    of the tail bucket (see `sparse_divergence`; `Batch.target_weights` at the counted rows),
+    with `sampled` choosing the estimator (`todi.trainer.divergences.SAMPLED_ESTIMATORS`).
+    `spread=True`: the teacher's rest spread over the unlisted ids, no bucket (see
+    `sparse_divergence`).
     The head matmul runs in the inputs' common dtype (bf16 stays bf16, like the model's own
     head); all softmax / divergence math is float32 and the head's gradient is accumulated in
     float32. Autocast is switched off inside (the dtype rule above decides).
@@ -854,7 +1072,7 @@ def chunked_head_loss(
     _check_head(
         hidden, head_weight, head_bias, labels, topk_ids, topk_logprobs, weights is not None
     )
-    _check_weights(kind, weights, topk_ids, topk_logprobs, tail)
+    _check_weights(kind, weights, topk_ids, topk_logprobs, tail, sampled, spread)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if kd_weight is not None and not 0.0 <= kd_weight <= 1.0:
@@ -891,6 +1109,8 @@ def chunked_head_loss(
         None if kd_weight is None else float(kd_weight),
         bool(tail),
         None if weights is None else weights.detach(),
+        sampled,
+        bool(spread),
     )
     return HeadLossParts(ce_sum, div_sum, n_tokens)
 
@@ -909,6 +1129,8 @@ def reference_head_loss(
     ignore_index: int = IGNORE_INDEX,
     tail: bool = True,
     weights: Tensor | None = None,
+    sampled: str = "unbiased",
+    spread: bool = False,
 ) -> HeadLossParts:
     """The same sums as `chunked_head_loss` the naive way: full [N, V] logits, plain autograd.
 
@@ -927,5 +1149,7 @@ def reference_head_loss(
         temperature=temperature,
         tail=tail,
         weights=None if weights is None else weights[idx],
+        sampled=sampled,
+        spread=spread,
     )
     return HeadLossParts(ce_sum, div.sum(), int(idx.numel()))

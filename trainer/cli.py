@@ -33,7 +33,13 @@ def train_command(
     topk_target: str = typer.Option(
         None,
         "--topk-target",
-        help="tail (k ids + tail bucket) | renormalized (k ids only, ablation) [tail].",
+        help="tail (k ids + tail bucket) | spread (the rest spread over the other ids) | "
+        "renormalized (k ids only, ablation) [tail].",
+    ),
+    sampled_estimator: str = typer.Option(
+        None,
+        "--sampled-estimator",
+        help="Sampled sets: bucketed (student side over listed ids + a bucket) | unbiased.",
     ),
     epochs: int = typer.Option(None, "--epochs", help="Passes over the data [1]."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (overrides epochs)."),

@@ -44,10 +44,18 @@ class TrainConfig(BaseModel):
         None, gt=0, description="must equal the shard set's temperature; None = take it"
     )
     chunk_size: int = Field(1024, ge=1, description="positions per head-loss chunk")
-    topk_target: Literal["tail", "renormalized"] = Field(
+    topk_target: Literal["tail", "spread", "renormalized"] = Field(
         "tail",
-        description="tail: the k stored ids + one tail bucket (exact coarsening); renormalized: "
-        "the k ids only, both sides renormalized (what most tools do; an ablation)",
+        description="tail: the k stored ids + one tail bucket (exact coarsening); spread: the "
+        "teacher's rest of the mass spread evenly over the unlisted ids, the divergence over "
+        "the whole vocabulary; renormalized: the k ids only, both sides renormalized (what "
+        "most tools do; an ablation)",
+    )
+    sampled_estimator: Literal["bucketed", "unbiased"] = Field(
+        "unbiased",
+        description="sampled shard sets only. bucketed: the teacher-mass side by importance "
+        "weights, the student-mass side over the listed ids + one bucket for the rest; "
+        "unbiased: both sides by importance weights (docs/method.md)",
     )
 
     # -- optimisation ----------------------------------------------------------------------

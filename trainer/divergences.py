@@ -326,6 +326,79 @@ def sampled_divergence(
     return _TERMS[kind](lp, lq, w, mq, beta).sum(-1)
 
 
+SAMPLED_ESTIMATORS: Final = ("bucketed", "unbiased")
+"""How sampled targets estimate a divergence (docs/method.md, "Sampled targets"):
+- "bucketed": the teacher-mass side by importance weights over the listed ids (unbiased), the
+  student-mass side exactly over the listed ids plus ONE bucket for the rest of the vocabulary
+  (like the top-k + tail form: biased low, low variance);
+- "unbiased": both sides by importance weights (`sampled_divergence`)."""
+
+
+def check_sampled_estimator(name: str) -> None:
+    """Raise ValueError unless `name` is one of `SAMPLED_ESTIMATORS`."""
+    if name not in SAMPLED_ESTIMATORS:
+        raise ValueError(
+            f"unknown sampled-target estimator {name!r}; expected one of "
+            f"{', '.join(SAMPLED_ESTIMATORS)}"
+        )
+
+
+def bucketed_divergence(
+    kind: str,
+    log_p: Tensor,
+    log_q: Tensor,
+    lq_rest: Tensor,
+    weights: Tensor,
+    *,
+    beta: float = 1.0,
+) -> Tensor:
+    """Sampled-target estimate with the student side bucketed: [c, k] x 2, [c], [c, k] -> [c].
+
+    Every kind but TVD is d(p, q) = p * a(log p, log q) + q * b(log p, log q) (`_TERMS`):
+
+        D_hat = sum_i w_i a(p_i, q_i)                               teacher-mass side
+              + sum_{o in listed ids + rest} q_o b(p_o, q_o)         student-mass side
+
+    The first sum is the importance-sampling estimate of sum_v p_v a_v (unbiased; its weight
+    per unit of teacher mass, a, stays bounded where the student overrates a token). The second
+    is exact over the listed ids and lumps the rest of the vocabulary into one outcome, the
+    teacher's rest P = 1 - sum_listed p (known exactly: the listed log-probs are the teacher's
+    own) against the student's rest Q = exp(lq_rest). That lumping is what the top-k + tail
+    form does; by the log-sum inequality it can only under-state the student-mass side, but it
+    keeps pushing the student's mass off the unlisted ids at every step, which the unbiased
+    estimate does only through rare draws of tokens with large q / p. TVD (not linear in the
+    masses) is the coarsened value over the listed ids and the rest.
+
+    log_p [c, k]: the teacher's full-vocabulary log-probs at the listed ids; log_q [c, k]: the
+    student's at the same ids; lq_rest [c]: the student's log-mass outside the listed ids;
+    weights [c, k] >= 0 as in `sampled_divergence` (w = 0: padding, which must repeat a listed
+    id of its row or lie outside the ids the rest was computed without)."""
+    check_kind_for_weights(kind)
+    if not log_p.shape == log_q.shape == weights.shape or lq_rest.shape != log_q.shape[:-1]:
+        raise ValueError(
+            f"log_p {tuple(log_p.shape)}, log_q {tuple(log_q.shape)}, weights "
+            f"{tuple(weights.shape)} must have the same shape, lq_rest {tuple(lq_rest.shape)} "
+            "its rows"
+        )
+    lp, lq, _, _ = _prepare(log_p, log_q)
+    w = weights.detach().to(lp.dtype)
+    listed = w > 0
+    lp = torch.where(listed, lp, torch.zeros_like(lp))
+    lq = torch.where(listed, lq, torch.zeros_like(lq))
+    lp_rest = teacher_tail_logprob(torch.where(listed, lp, torch.full_like(lp, -math.inf)))
+    lp_c = torch.cat([lp, lp_rest[:, None].to(lp.dtype)], dim=1)
+    lq_c = torch.cat([lq, lq_rest.to(lp.dtype).clamp_min(_NEG)[:, None]], dim=1)
+    on = torch.cat([listed, torch.ones_like(listed[:, :1])], dim=1)
+    mq_c = torch.where(on, lq_c.exp(), torch.zeros_like(lq_c))
+    if kind == "tvd":
+        mp_c = torch.where(on, lp_c.exp(), torch.zeros_like(lp_c))
+        return _tvd_terms(lp_c, lq_c, mp_c, mq_c, beta).sum(-1)
+    terms = _TERMS[kind]
+    p_side = terms(lp, lq, w, torch.zeros_like(w), beta).sum(-1)
+    q_side = terms(lp_c, lq_c, torch.zeros_like(mq_c), mq_c, beta).sum(-1)
+    return p_side + q_side
+
+
 # --------------------------------------------------------------------------------------------
 # Dense form.
 

@@ -49,9 +49,13 @@ class StudentObjective(nn.Module):
         bf16: bool = False,
         kd_weight: float | None = None,
         tail: bool = True,
+        sampled: str = "unbiased",
+        spread: bool = False,
     ) -> None:
         super().__init__()
+        self.spread = spread  # the teacher's rest spread over the unlisted ids (chunked_head_loss)
         self.tail = tail  # False: renormalized top-k, no tail bucket (chunked_head_loss)
+        self.sampled = sampled  # the sampled-target estimator (chunked_head_loss)
         self.model = model
         self.kind, self.beta, self.temperature = kind, beta, temperature
         self.chunk_size = chunk_size
@@ -123,6 +127,8 @@ class StudentObjective(nn.Module):
             kd_weight=self.kd_weight,
             tail=self.tail,
             weights=None if target_weights is None else target_weights[mask],
+            sampled=self.sampled,
+            spread=self.spread,
         )
         return parts.ce_sum, parts.div_sum
 

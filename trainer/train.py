@@ -140,8 +140,9 @@ def prepare_run(cfg: TrainConfig):
             raise TrainError(f"--loss: {exc}") from None
         if cfg.topk_target != "tail":
             raise TrainError(
-                "--topk-target renormalized: a sampled shard set has no top-k to renormalize "
-                "(its draws estimate the full-vocabulary divergence)"
+                f"--topk-target {cfg.topk_target}: a sampled shard set has no top-k to "
+                "renormalize or spread around (its draws estimate the full-vocabulary "
+                "divergence; --sampled-estimator chooses how)"
             )
     if cfg.online_teacher:
         teacher = describe_student(cfg.online_teacher)

@@ -130,7 +130,9 @@ class _Worker:
                     # FSDP casts the parameters itself (mixed-precision policy), no autocast
                     bf16=use_bf16(cfg, self.device) and not wants_fsdp(cfg),
                     kd_weight=cfg.kd_weight,
-                    tail=cfg.topk_target == "tail",
+                    tail=cfg.topk_target != "renormalized",
+                    spread=cfg.topk_target == "spread",
+                    sampled=cfg.sampled_estimator,
                 ),
                 cfg,
                 self.device,
