@@ -658,11 +658,37 @@ def test_sampled_hybrid_set_trains_retempered(hf_teacher, tiny_student, ray_clus
         train(_config(tmp_path / "set", tiny_student, tmp_path / "akl", loss="akl"))
     with pytest.raises(DataError, match="--temperature 3: the shard set was captured at"):
         train(_config(tmp_path / "set", tiny_student, tmp_path / "t3", temperature=3.0))
-    out = tmp_path / "out"
-    summary = train(_config(tmp_path / "set", tiny_student, out, temperature=2.0, workers=1,
-                            cpus_per_worker=1.0, max_steps=5, checkpoint_every=5))  # fmt: skip
-    records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert summary.steps == 5 and len(records) == 5
-    assert all(np.isfinite(r["loss"]) and np.isfinite(r["divergence"]) for r in records)
-    assert records[-1]["loss"] < records[0]["loss"]
-    assert (out / "model" / "config.json").is_file()
+    with pytest.raises(TrainError, match="--topk-target spread: a sampled shard set"):
+        train(_config(tmp_path / "set", tiny_student, tmp_path / "sp", topk_target="spread"))
+    first = {}
+    for estimator in ("bucketed", "unbiased"):  # the default, then the other
+        out = tmp_path / estimator
+        summary = train(_config(tmp_path / "set", tiny_student, out, temperature=2.0, workers=1,
+                                cpus_per_worker=1.0, max_steps=5, checkpoint_every=5,
+                                sampled_estimator=estimator))  # fmt: skip
+        records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        assert summary.steps == 5 and len(records) == 5
+        assert all(np.isfinite(r["loss"]) and np.isfinite(r["divergence"]) for r in records)
+        assert records[-1]["loss"] < records[0]["loss"]
+        assert (out / "model" / "config.json").is_file()
+        first[estimator] = records[0]
+    # Same batch, same initial student: the CE is the same, the divergence estimate is not.
+    assert first["bucketed"]["ce"] == pytest.approx(first["unbiased"]["ce"], rel=1e-5)
+    assert first["bucketed"]["divergence"] != pytest.approx(first["unbiased"]["divergence"])
+    assert TrainConfig(shards="s", student="m", out="o").sampled_estimator == "bucketed"
+
+
+def test_spread_tail_trains_through_ray(train_shards, tiny_student, ray_cluster, tmp_path):
+    """`--topk-target spread` end to end: finite losses, a divergence other than the bucket's
+    on the same first batch (same CE), an exported student."""
+    first = {}
+    for target in ("spread", "tail"):
+        out = tmp_path / target
+        train(_config(train_shards, tiny_student, out, workers=1, cpus_per_worker=1.0,
+                      max_steps=4, checkpoint_every=4, topk_target=target))  # fmt: skip
+        records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        assert len(records) == 4 and all(np.isfinite(r["loss"]) for r in records)
+        first[target] = records[0]
+    assert (tmp_path / "spread" / "model" / "config.json").is_file()
+    assert first["spread"]["ce"] == pytest.approx(first["tail"]["ce"], rel=1e-5)
+    assert first["spread"]["divergence"] != pytest.approx(first["tail"]["divergence"])

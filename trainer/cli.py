@@ -39,7 +39,8 @@ def train_command(
     sampled_estimator: str = typer.Option(
         None,
         "--sampled-estimator",
-        help="Sampled sets: bucketed (student side over listed ids + a bucket) | unbiased.",
+        help="Sampled sets: bucketed (student side over listed ids + a bucket) | unbiased "
+        "[bucketed].",
     ),
     epochs: int = typer.Option(None, "--epochs", help="Passes over the data [1]."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (overrides epochs)."),

@@ -52,10 +52,11 @@ class TrainConfig(BaseModel):
         "most tools do; an ablation)",
     )
     sampled_estimator: Literal["bucketed", "unbiased"] = Field(
-        "unbiased",
+        "bucketed",
         description="sampled shard sets only. bucketed: the teacher-mass side by importance "
-        "weights, the student-mass side over the listed ids + one bucket for the rest; "
-        "unbiased: both sides by importance weights (docs/method.md)",
+        "weights, the student-mass side over the listed ids + one bucket for the rest (the "
+        "targets study: far ahead of unbiased); unbiased: both sides by importance weights "
+        "(docs/method.md)",
     )
 
     # -- optimisation ----------------------------------------------------------------------
