@@ -90,8 +90,7 @@ def _check_weights(
 ) -> None:
     """Weighted (sampled) targets: [n, k] like the ids, float, finite, >= 0, with a finite
     teacher log-prob wherever w > 0 (a drawn id has p > 0); an elementwise kind (no AKL); no
-    renormalized-top-k ablation (there is no top-k to renormalize). Bucketed: the listed ids
-    of a row are distinct (each is one outcome beside the rest)."""
+    renormalized-top-k ablation (there is no top-k to renormalize)."""
     check_sampled_estimator(sampled)
     if spread and (weights is not None or not tail):
         raise ValueError(
@@ -113,15 +112,6 @@ def _check_weights(
         raise ValueError(
             "target weights must be finite and >= 0, with a finite teacher log-prob where > 0"
         )
-    if sampled == "bucketed" and topk_ids.shape[1] > 1:
-        k = topk_ids.shape[1]
-        pad = -1 - torch.arange(k, device=topk_ids.device)  # distinct, never a real id
-        ids = torch.where(weights > 0, topk_ids, pad).sort(dim=1).values
-        if bool((ids[:, 1:] == ids[:, :-1]).any()):
-            raise ValueError(
-                "the bucketed sampled-target estimate needs distinct listed ids per row (w > 0); "
-                "use sampled='unbiased' for repeated ids"
-            )
 
 
 def _spread_teacher(topk_ids: Tensor, topk_logprobs: Tensor, v: int, dtype: torch.dtype) -> Tensor:
@@ -137,6 +127,19 @@ def _spread_teacher(topk_ids: Tensor, topk_logprobs: Tensor, v: int, dtype: torc
 def _all_ids(rows: int, v: int, device: torch.device) -> Tensor:
     """Every vocabulary id for each of `rows` rows [rows, V] (an expanded view: no memory)."""
     return torch.arange(v, device=device).expand(rows, v)
+
+
+def _first_listed(topk_ids: Tensor, weights: Tensor) -> Tensor:
+    """[c, k] bool: the listed entries (w > 0) that are the first listing of their id in the
+    row: the bucketed estimate's student-side outcomes (a repeated id is one outcome, while
+    each of its listings keeps its own teacher-side term)."""
+    k = topk_ids.shape[1]
+    listed = weights > 0
+    pad = -1 - torch.arange(k, device=topk_ids.device)  # distinct, never a real id
+    keys, order = torch.where(listed, topk_ids, pad).sort(dim=1, stable=True)
+    first_sorted = torch.ones_like(listed)
+    first_sorted[:, 1:] = keys[:, 1:] != keys[:, :-1]
+    return torch.zeros_like(listed).scatter_(1, order, first_sorted) & listed
 
 
 def _bucketed_ids(topk_ids: Tensor, weights: Tensor) -> Tensor:
@@ -283,8 +286,9 @@ def _sparse_chunk_forward(
     def divergence(lq: Tensor) -> Tensor:
         if bucketed:
             return bucketed_divergence(
-                kind, topk_logprobs, lq[:, :-1], lq[:, -1], weights, beta=beta
-            )
+                kind, topk_logprobs, lq[:, :-1], lq[:, -1], weights, beta=beta,
+                first=_first_listed(topk_ids, weights),
+            )  # fmt: skip
         if weights is not None:
             return sampled_divergence(kind, topk_logprobs, lq, weights, beta=beta)
         if tail:
@@ -336,8 +340,9 @@ def _assemble_grad(
     may repeat): dD/dz_j = (1/T) (sum_{i: id_i = j} G_i - q_j S). e must then hold
     exp(z / T - m) at the ids too; the id terms are ADDED (scatter_add), so repeated ids
     accumulate, and lq_tail, q_ids and reload are unused.
-    `listed` [c, k] (bool; the bucketed sampled form): only these entries are outcomes, the
-    others repeat a listed id of their row (G = 0 there) and must not overwrite its value.
+    `listed` [c, k] (bool; the bucketed sampled form): the first listing of each id; every
+    other entry repeats an id of its row (padding, G = 0; or a second listing, whose G adds
+    up with the first's, as both read the same log q) and must not overwrite its value.
     """
     if weighted:
         scale = div_scale / temperature
@@ -377,9 +382,14 @@ def _assemble_grad(
     grad = e.mul_((coef / log_s.exp())[:, None])
     if listed is None:
         grad.scatter_(1, topk_ids, at_ids)
-    else:  # repeated ids: write 0 at every id, then add each listed entry once
+    else:  # repeated ids: write 0 at every id, add each entry's G, then once per id its q terms
+        g_part = scale[:, None] * g_ids
         grad.scatter_(1, topk_ids, 0.0)
-        grad.scatter_add_(1, topk_ids, torch.where(listed, at_ids, torch.zeros_like(at_ids)))
+        grad.scatter_add_(1, topk_ids, g_part)
+        q_part = -scale[:, None] * q_ids * total[:, None]
+        if ce_scale is not None and temperature == 1.0:
+            q_part = q_part + ce_scale[:, None] * q_ids
+        grad.scatter_add_(1, topk_ids, torch.where(listed, q_part, torch.zeros_like(q_part)))
     if slow_grad is not None:
         grad.index_add_(0, slow_rows, slow_grad)
     return _add_ce(grad, temperature, labels, ce_scale, ce_exp, norm_1)
@@ -516,7 +526,7 @@ class _SparseDivergence(torch.autograd.Function):
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.spread = (kind, beta, topk_logprobs) if spread else None
         ctx.weighted = weights is not None and not bucketed
-        ctx.listed = weights > 0 if bucketed else None
+        ctx.listed = _first_listed(topk_ids, weights) if bucketed else None
         if need_grad:
             ctx.save_for_backward(student_logits, topk_ids, norm, lq_tail, grad_outcomes)
         return div
@@ -674,8 +684,9 @@ def reference_sparse_divergence(
         hits.scatter_add_(1, topk_ids, (weights > 0).to(torch.int32))
         lq_rest = torch.logsumexp(zt.masked_fill(hits > 0, float("-inf")), dim=-1) - lse
         return bucketed_divergence(
-            kind, topk_logprobs.detach(), lq_ids, lq_rest, weights, beta=beta
-        )
+            kind, topk_logprobs.detach(), lq_ids, lq_rest, weights, beta=beta,
+            first=_first_listed(topk_ids, weights),
+        )  # fmt: skip
     masked = zt.scatter(1, topk_ids, float("-inf"))
     lq_tail = torch.logsumexp(masked, dim=-1) - lse
     log_q = torch.cat([lq_ids, lq_tail[:, None]], dim=1)
@@ -765,7 +776,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         bucketed = weights is not None and sampled == "bucketed"
         if bucketed:
             topk_ids = _bucketed_ids(topk_ids, weights)
-        listed = weights > 0 if bucketed else None
+        listed = _first_listed(topk_ids, weights) if bucketed else None
         dtype = math_dtype(hidden.dtype, weight.dtype)
         mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         dev = hidden.device

@@ -351,6 +351,7 @@ def bucketed_divergence(
     weights: Tensor,
     *,
     beta: float = 1.0,
+    first: Tensor | None = None,
 ) -> Tensor:
     """Sampled-target estimate with the student side bucketed: [c, k] x 2, [c], [c, k] -> [c].
 
@@ -372,7 +373,10 @@ def bucketed_divergence(
     log_p [c, k]: the teacher's full-vocabulary log-probs at the listed ids; log_q [c, k]: the
     student's at the same ids; lq_rest [c]: the student's log-mass outside the listed ids;
     weights [c, k] >= 0 as in `sampled_divergence` (w = 0: padding, which must repeat a listed
-    id of its row or lie outside the ids the rest was computed without)."""
+    id of its row or lie outside the ids the rest was computed without). `first` [c, k] bool:
+    the listed entries that are the first listing of their id (default: every listed entry,
+    i.e. distinct ids); a repeated id keeps one teacher-side term per listing but is one
+    student-side outcome and counts once in the teacher's listed mass."""
     check_kind_for_weights(kind)
     if not log_p.shape == log_q.shape == weights.shape or lq_rest.shape != log_q.shape[:-1]:
         raise ValueError(
@@ -383,12 +387,13 @@ def bucketed_divergence(
     lp, lq, _, _ = _prepare(log_p, log_q)
     w = weights.detach().to(lp.dtype)
     listed = w > 0
+    once = listed if first is None else first & listed
     lp = torch.where(listed, lp, torch.zeros_like(lp))
     lq = torch.where(listed, lq, torch.zeros_like(lq))
-    lp_rest = teacher_tail_logprob(torch.where(listed, lp, torch.full_like(lp, -math.inf)))
+    lp_rest = teacher_tail_logprob(torch.where(once, lp, torch.full_like(lp, -math.inf)))
     lp_c = torch.cat([lp, lp_rest[:, None].to(lp.dtype)], dim=1)
     lq_c = torch.cat([lq, lq_rest.to(lp.dtype).clamp_min(_NEG)[:, None]], dim=1)
-    on = torch.cat([listed, torch.ones_like(listed[:, :1])], dim=1)
+    on = torch.cat([once, torch.ones_like(listed[:, :1])], dim=1)
     mq_c = torch.where(on, lq_c.exp(), torch.zeros_like(lq_c))
     if kind == "tvd":
         mp_c = torch.where(on, lp_c.exp(), torch.zeros_like(lp_c))
